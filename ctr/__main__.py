@@ -1,0 +1,3 @@
+from ctr.cli import main
+
+raise SystemExit(main())
