@@ -93,7 +93,7 @@ class FeatureSpec:
     hash_seed: int = 0
     fitted: bool = False
     format_version: int = FORMAT_VERSION
-    _indexes: dict[str, pd.Index] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _indexes: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         names = [f.name for f in self.fields]
@@ -179,6 +179,8 @@ class FeatureSpec:
         passes `strict=False` so a column nobody supplied becomes OOV for every row.
         """
         self._require_fitted()
+        if isinstance(table, (list, tuple)) and len(table) == 0:
+            return np.empty((0, self.num_fields), dtype=np.int64)
         columns = _as_columns(table)
         n = _num_rows(columns)
         out = np.empty((n, self.num_fields), dtype=np.int64)
@@ -197,14 +199,35 @@ class FeatureSpec:
         return out
 
     def _encode_categorical(self, col: Any, f: FieldSpec) -> np.ndarray:
-        values, missing = _to_str(col, f.name)
-        index = self._indexes.get(f.name)
-        if index is None:
-            index = pd.Index(f.vocab, dtype=object)
-            self._indexes[f.name] = index
-        ids = index.get_indexer(values)
+        arr = _object_array(col)
+        if arr.dtype.kind == "O" and len(arr) and pd.api.types.infer_dtype(arr, skipna=False) == "integer":
+            arr = arr.astype(np.int64)  # JSON numbers arrive as Python ints
+        if arr.dtype.kind in "iu":
+            # Integer ids (Frappe, most logs) skip the string round trip entirely.
+            keys, positions = self._int_lookup(f)
+            found = keys.get_indexer(arr)
+            ids = np.where(found < 0, OOV_ID, positions[found] + NUM_RESERVED)
+            return ids.astype(np.int64, copy=False)
+        values, missing = _to_str(arr, f.name)
+        lookup = self._indexes.get(f.name)
+        if lookup is None:
+            lookup = _StringLookup(f.vocab)
+            self._indexes[f.name] = lookup
+        ids = lookup(values)
         ids = np.where((ids < 0) | missing, OOV_ID, ids + NUM_RESERVED)
         return ids.astype(np.int64, copy=False)
+
+    def _int_lookup(self, f: FieldSpec) -> tuple[pd.Index, np.ndarray]:
+        """Vocabulary entries that are canonical integers, keyed by their int value."""
+        key = f"{f.name}#int"
+        cached = self._indexes.get(key)
+        if cached is None:
+            pairs = [(int(v), i) for i, v in enumerate(f.vocab) if _is_canonical_int(v)]
+            keys = pd.Index([k for k, _ in pairs], dtype=np.int64)
+            positions = np.array([i for _, i in pairs] + [0], dtype=np.int64)
+            cached = (keys, positions)
+            self._indexes[key] = cached  # type: ignore[assignment]
+        return cached  # type: ignore[return-value]
 
     def _encode_numeric(self, col: Any, f: FieldSpec) -> np.ndarray:
         nums = _to_float(col, f.name)
@@ -305,6 +328,37 @@ def _field_dict(f: FieldSpec, fitted: bool) -> dict[str, Any]:
     return d
 
 
+class _StringLookup:
+    """Vectorised string -> vocabulary position (-1 when absent).
+
+    pandas' C hash table is ~30x faster than `Index.get_indexer` on a 100-row request (no
+    Index is built around the target) and ~4x faster on a 100k-row split. It is internal to
+    pandas, so the public `Index.get_indexer` stands in if it ever moves.
+    """
+
+    def __init__(self, vocab: list[str]) -> None:
+        keys = np.array(vocab, dtype=object)
+        try:
+            from pandas._libs.hashtable import PyObjectHashTable
+
+            table = PyObjectHashTable(max(len(keys), 1))
+            table.map_locations(keys)
+            self._fn = lambda values: np.asarray(table.lookup(values), dtype=np.int64)
+        except (ImportError, AttributeError):  # pragma: no cover - depends on the pandas build
+            index = pd.Index(keys, dtype=object)
+            self._fn = lambda values: index.get_indexer(pd.Index(values, dtype=object, copy=False))
+
+    def __call__(self, values: np.ndarray) -> np.ndarray:
+        return self._fn(values.astype(object, copy=False))
+
+
+def _is_canonical_int(v: str) -> bool:
+    try:
+        return str(int(v)) == v
+    except ValueError:
+        return False
+
+
 def _splitmix(x: np.ndarray) -> np.ndarray:
     x = (x ^ (x >> np.uint64(30))) * _MIX1
     x = (x ^ (x >> np.uint64(27))) * _MIX2
@@ -362,31 +416,51 @@ def _column(columns: Mapping[str, Any], name: str, *, strict: bool) -> Any:
 def _to_str(col: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Normalise a column to strings so 77, '77' and 77.0 (from a CSV with gaps) agree.
 
-    Dispatches on pandas' C-level type inference so the common cases (all strings, all
-    integers) never run Python per element; only genuinely mixed columns take the slow path.
+    Works on plain numpy arrays and dispatches on pandas' C-level type inference: building a
+    pandas Series per field costs more than the whole lookup for a 100-row request, and the
+    common cases (all strings, all integers) never run Python per element.
     """
-    s = _series(col)
-    missing = s.isna().to_numpy()
-    kind = s.dtype.kind
-    if kind in "iub":
-        return s.astype(str).to_numpy(dtype=object), missing
-    if kind == "f":
-        finite = s.to_numpy()[~missing]
+    arr = _object_array(col)
+    if arr.dtype.kind in "iub":
+        return arr.astype(str).astype(object), np.zeros(len(arr), dtype=bool)
+    if arr.dtype.kind == "f":
+        missing = np.isnan(arr)
+        finite = arr[~missing]
         if finite.size and np.all(np.mod(finite, 1) == 0):
-            s = s.astype("Int64")
-        return s.astype(str).to_numpy(dtype=object), missing
-    inferred = pd.api.types.infer_dtype(s, skipna=True)
-    values = s.to_numpy(dtype=object)
+            out = np.where(missing, 0, arr).astype(np.int64).astype(str).astype(object)
+        else:
+            out = arr.astype(str).astype(object)
+        return out, missing
+    inferred = pd.api.types.infer_dtype(arr, skipna=True)
     if inferred in ("string", "empty"):
-        missing = missing | (values == "")
-        return values, missing
+        missing = pd.isna(arr) | (arr == "")
+        return arr, missing
     if inferred == "integer":
-        return s.astype(str).to_numpy(dtype=object), missing
-    out = np.empty(len(values), dtype=object)
-    for i, v in enumerate(values):
+        missing = pd.isna(arr)
+        return (arr.astype(str).astype(object) if not missing.any() else _slow_str(arr, name)), missing
+    out = _slow_str(arr, name)
+    return out, out == ""
+
+
+def _object_array(col: Any) -> np.ndarray:
+    if isinstance(col, pd.Series):
+        if col.dtype.kind in "iubf":
+            return col.to_numpy()
+        if isinstance(col.dtype, pd.api.extensions.ExtensionDtype) and col.dtype.kind in "iu":
+            return col.to_numpy(dtype=object, na_value=None)
+        return col.to_numpy(dtype=object)
+    if isinstance(col, np.ndarray):
+        return col if col.dtype.kind in "iubfO" else col.astype(object)
+    if isinstance(col, (list, tuple)):
+        return np.fromiter(col, dtype=object, count=len(col))
+    return np.asarray(col, dtype=object)
+
+
+def _slow_str(arr: np.ndarray, name: str) -> np.ndarray:
+    out = np.empty(len(arr), dtype=object)
+    for i, v in enumerate(arr):
         out[i] = _scalar_str(v, name)
-    missing = missing | (out == "")
-    return out, missing
+    return out
 
 
 def _scalar_str(v: Any, name: str) -> str:
@@ -401,23 +475,13 @@ def _scalar_str(v: Any, name: str) -> str:
     raise SpecError(f"field '{name}': expected scalar values, got {type(v).__name__}")
 
 
-def _series(col: Any) -> pd.Series:
-    if isinstance(col, pd.Series):
-        return col
-    if isinstance(col, np.ndarray):
-        return pd.Series(col, copy=False)
-    if isinstance(col, (list, tuple)):
-        return pd.Series(np.asarray(col, dtype=object) if col else np.empty(0, dtype=object))
-    return pd.Series(col)
-
-
 def _to_float(col: Any, name: str) -> np.ndarray:
-    s = _series(col)
-    if s.dtype.kind in "iufb":
-        return s.to_numpy(dtype=np.float64, na_value=np.nan)
-    s = s.replace("", np.nan)
-    nums = pd.to_numeric(s, errors="coerce")
-    bad = nums.isna() & s.notna()
-    if bool(bad.any()):
-        raise SpecError(f"field '{name}': expected numeric values, got {s[bad].iloc[0]!r}")
-    return nums.to_numpy(dtype=np.float64, na_value=np.nan)
+    arr = _object_array(col)
+    if arr.dtype.kind in "iubf":
+        return arr.astype(np.float64)
+    blank = pd.isna(arr) | (arr == "")
+    nums = np.asarray(pd.to_numeric(np.where(blank, np.nan, arr), errors="coerce"), dtype=np.float64)
+    bad = np.isnan(nums) & ~blank
+    if bad.any():
+        raise SpecError(f"field '{name}': expected numeric values, got {arr[bad][0]!r}")
+    return nums
