@@ -1,0 +1,317 @@
+"""Serving benchmark: raw onnxruntime ceiling vs the service, batched and unbatched.
+
+    python benchmarks/serving.py --redis redis://127.0.0.1:6379/0 [--models MODELS_DIR --model NAME ...]
+
+In one run, per model: (a) raw onnxruntime rows/s in-process at the batch sizes the batcher
+forms (the ceiling); (b) the service at saturation with 100-candidate requests (closed loop):
+rows/s, p50, p99; (c) the same with batching off, at 100 and at 10 candidates; (d) p50/p99 in
+an open loop at 50% and 10% of (b)'s request rate, batched and unbatched; and the CPU cost per
+request outside the model (parse, feature fetch, encode, response), measured in-process.
+
+Without --models it scores Frappe with a DNN-shaped ONNX graph (10 fields, emb 10,
+400-400-400, random weights): the reference scorer's compute cost without a training run.
+Everything runs on loopback; the server is a `ctr serve` subprocess; the load generator is a
+minimal keep-alive HTTP/1.1 client in this process (httpx would be the bottleneck). Redis keys
+go under a fresh prefix and are deleted at the end. Every phase is bounded by --duration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+FRAPPE = ROOT.parent / "shared" / "data" / "frappe_x1"
+
+
+# ---------------------------------------------------------------- data and models
+def frappe_setup(work: Path, redis_url: str, prefix: str, rows: int):
+    from model.readers import read_table
+    from model.spec import FeatureSpec
+    from service.features import bulk_load
+
+    train = read_table(FRAPPE / "train.csv")
+    spec = FeatureSpec.load("frappe_x1").fit(train)
+    users = train[["user"]].drop_duplicates()
+    items = train[["item", "cost"]].drop_duplicates("item")
+    users.to_parquet(work / "users.parquet", index=False)
+    items.to_parquet(work / "items.parquet", index=False)
+    bulk_load(work / "users.parquet", "user", redis_url, prefix)
+    bulk_load(work / "items.parquet", "item", redis_url, prefix)
+    ctx_cols = spec.fields_from("context")
+    return spec, users["user"].to_numpy(), items["item"].to_numpy(), train[ctx_cols].iloc[:rows]
+
+
+def bodies(users, items, ctx: pd.DataFrame, n_items: int, count: int, seed: int = 0) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    out = []
+    records = ctx.to_dict("records")
+    for i in range(count):
+        body = {
+            "user_id": int(users[rng.integers(len(users))]),
+            "context": {k: (int(v) if isinstance(v, (np.integer, int)) else v) for k, v in records[rng.integers(len(records))].items()},
+            "items": [{"item_id": int(x)} for x in items[rng.choice(len(items), n_items, replace=n_items > len(items))]],
+        }
+        out.append(orjson.dumps(body))
+    return out
+
+
+# ---------------------------------------------------------------- load generator
+class Conn:
+    """One keep-alive HTTP/1.1 connection that sends pre-serialised POST /score requests."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    async def open(self) -> "Conn":
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        return self
+
+    async def post(self, body: bytes) -> int:
+        head = b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        self.writer.write(head + body)
+        status_line = await self.reader.readline()
+        length = 0
+        while True:
+            line = await self.reader.readline()
+            if line in (b"\r\n", b""):
+                break
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        await self.reader.readexactly(length)
+        return int(status_line.split()[1])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def closed_loop(port: int, reqs: list[bytes], conns: int, duration: float) -> dict:
+    lat: list[float] = []
+    codes: dict[int, int] = {}
+    end = time.perf_counter() + duration
+
+    async def worker(k: int) -> None:
+        c = await Conn(port).open()
+        i = k
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            code = await c.post(reqs[i % len(reqs)])
+            lat.append(time.perf_counter() - t0)
+            codes[code] = codes.get(code, 0) + 1
+            i += conns
+        c.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(k) for k in range(conns)))
+    return _summary(lat, codes, time.perf_counter() - t0)
+
+
+async def open_loop(port: int, reqs: list[bytes], rate: float, duration: float, conns: int = 64) -> dict:
+    """Requests scheduled at a fixed rate; latency counts from the scheduled send time."""
+    lat: list[float] = []
+    codes: dict[int, int] = {}
+    pool: asyncio.Queue = asyncio.Queue()
+    for _ in range(conns):
+        pool.put_nowait(await Conn(port).open())
+    n = max(1, int(rate * duration))
+    start = time.perf_counter() + 0.05
+
+    async def one(i: int) -> None:
+        when = start + i / rate
+        await asyncio.sleep(max(0.0, when - time.perf_counter()))
+        c = await pool.get()
+        code = await c.post(reqs[i % len(reqs)])
+        lat.append(time.perf_counter() - when)
+        codes[code] = codes.get(code, 0) + 1
+        pool.put_nowait(c)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    elapsed = time.perf_counter() - t0
+    while not pool.empty():
+        pool.get_nowait().close()
+    return _summary(lat, codes, elapsed)
+
+
+def _summary(lat: list[float], codes: dict[int, int], elapsed: float) -> dict:
+    a = np.array(lat) * 1000 if lat else np.array([np.nan])
+    ok = codes.get(200, 0)
+    return {"requests": len(lat), "ok": ok, "non_200": len(lat) - ok, "req_per_s": ok / elapsed, "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99))}
+
+
+# ---------------------------------------------------------------- server
+def start_server(repo: Path, model: str, redis_url: str, prefix: str, port: int, batching: bool, threads: int, config: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "ctr.cli", "--log-level", "WARNING", "serve", "--repo", str(repo), "--model", model, "--redis", redis_url,
+           "--prefix", prefix, "--port", str(port), "--intra-op-threads", str(threads), "--config", str(config)]
+    if not batching:
+        cmd.append("--no-batching")
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    import httpx
+
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.3)
+    stop_server(proc)
+    raise RuntimeError("server did not become ready")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+# ---------------------------------------------------------------- in-process measurements
+def raw_ort(onnx_path: Path, spec, threads: int, sizes: list[int], seconds: float) -> dict[int, float]:
+    from service.scorer import Scorer
+
+    scorer = Scorer(onnx_path, ["CPUExecutionProvider"], threads, 1, sizes)
+    rng = np.random.default_rng(0)
+    out = {}
+    for b in sizes:
+        tokens = np.stack([rng.integers(3, v, b) for v in spec.vocab_sizes], axis=1).astype(np.int64)
+        scorer.score(tokens)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            scorer.score(tokens)
+            n += 1
+        out[b] = n * b / (time.perf_counter() - t0)
+    return out
+
+
+def overhead(spec, reqs: list[bytes], redis_url: str, prefix: str, reps: int = 300) -> dict[str, float]:
+    """CPU ms per request outside the model, by stage (thread CPU time, not wall time)."""
+    from service.encoding import Missing, RequestEncoder
+    from service.features import RedisFeatureStore
+    from service.schemas import ScoreRequest
+
+    enc = RequestEncoder.for_spec(spec)
+
+    async def run() -> dict[str, float]:
+        store = RedisFeatureStore(redis_url, prefix, timeout_s=1.0, cache_items=10_000)
+        acc = {"parse": 0.0, "fetch": 0.0, "encode": 0.0, "respond": 0.0}
+        for i in range(reps):
+            c0 = time.thread_time()
+            req = ScoreRequest.model_validate_json(reqs[i % len(reqs)])
+            ids = [it.item_id for it in req.items]
+            c1 = time.thread_time()
+            f = await store.fetch(req.user_id, ids)
+            c2 = time.thread_time()
+            cols = enc.columns(req.user_id, f.user, f.items, ids, [it.features for it in req.items], req.context, Missing())
+            tokens = enc.encode(cols)
+            c3 = time.thread_time()
+            orjson.dumps({"request_id": "x", "model": "m", "version": 1, "variant": "main", "scores": np.full(len(tokens), 0.5).tolist(), "degraded": False})
+            c4 = time.thread_time()
+            for k, v in zip(acc, (c1 - c0, c2 - c1, c3 - c2, c4 - c3)):
+                acc[k] += v
+        await store.close()
+        return {k: v / reps * 1000 for k, v in acc.items()}
+
+    return asyncio.run(run())
+
+
+# ---------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    ap.add_argument("--models", help="model repository with trained Frappe packages")
+    ap.add_argument("--model", action="append", default=[], help="package name(s) in --models (e.g. frappe_dgenctr, frappe_dnn)")
+    ap.add_argument("--duration", type=float, default=6.0, help="seconds per phase")
+    ap.add_argument("--conns", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads in the server")
+    ap.add_argument("--max-batch-rows", type=int, default=1024)
+    ap.add_argument("--max-queue-delay-ms", type=float, default=2.0)
+    ap.add_argument("--out", help="write the results as JSON here")
+    args = ap.parse_args()
+
+    from model.logs import setup_logging
+    from service.testing import dnn_onnx, free_port, publish
+
+    setup_logging("WARNING")
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    results: dict = {"machine": {"cpus": os.cpu_count()}, "models": {}}
+    with tempfile.TemporaryDirectory(prefix="ctr-bench-") as tmp:
+        work = Path(tmp)
+        try:
+            spec, users, items, ctx = frappe_setup(work, args.redis, prefix, 5000)
+            repo = Path(args.models) if args.models else work / "models"
+            names = args.model
+            if not names:
+                dnn_onnx(spec, work / "dnn.onnx")
+                publish(repo, "frappe_dnn_shape", 1, spec, work / "dnn.onnx", "dnn_shape_random")
+                names = ["frappe_dnn_shape"]
+            cfg = work / "serve.json"
+            cfg.write_text(json.dumps({"batcher": {"max_batch_rows": args.max_batch_rows, "max_queue_delay_ms": args.max_queue_delay_ms, "max_queue_rows": 50_000},
+                                       "scorer": {"providers": ["CPUExecutionProvider"], "buckets": [16, 128, 256, 512, 1024]}}))
+            r100 = bodies(users, items, ctx, 100, 300, seed=1)
+            r10 = bodies(users, items, ctx, 10, 300, seed=2)
+            results["overhead_ms_per_100_row_request"] = oh = overhead(spec, r100, args.redis, prefix)
+            print(f"CPU per 100-candidate request outside the model: {sum(oh.values()):.3f} ms  " + "  ".join(f"{k}={v:.3f}" for k, v in oh.items()), flush=True)
+            for name in names:
+                from service.package import latest_version
+
+                version = latest_version(repo, name)
+                res = results["models"][name] = {}
+                res["raw_ort_rows_per_s"] = raw_ort(repo / name / str(version) / "model.onnx", spec, args.threads, [10, 100, 256, 512, 1024], min(args.duration, 2.0))
+                print(f"\n== {name} v{version}\n(a) raw onnxruntime rows/s: " + ", ".join(f"b{b}={v:,.0f}" for b, v in res["raw_ort_rows_per_s"].items()), flush=True)
+                for batching in (True, False):
+                    port = free_port()
+                    proc = start_server(repo, name, args.redis, prefix, port, batching, args.threads, cfg)
+                    try:
+                        tag = "batched" if batching else "unbatched"
+                        for n_items, reqs in ((100, r100), (10, r10)):
+                            asyncio.run(closed_loop(port, reqs, args.conns, 1.0))  # warm connections and caches
+                            s = asyncio.run(closed_loop(port, reqs, args.conns, args.duration))
+                            s["rows_per_s"] = s["req_per_s"] * n_items
+                            res[f"{tag}_sat_{n_items}"] = s
+                            print(f"{tag:9s} saturation {n_items:3d} cand: {s['rows_per_s']:>10,.0f} rows/s  p50 {s['p50_ms']:.1f} ms  p99 {s['p99_ms']:.1f} ms  non-200 {s['non_200']}", flush=True)
+                        sat = res["batched_sat_100"]["req_per_s"] if not batching else s_sat if (s_sat := res[f"{tag}_sat_100"]["req_per_s"]) else 1
+                        for frac in (0.5, 0.1):
+                            s = asyncio.run(open_loop(port, r100, sat * frac, args.duration))
+                            res[f"{tag}_load{int(frac * 100)}_100"] = s
+                            print(f"{tag:9s} {int(frac * 100):3d}% load ({sat * frac:,.0f} req/s, 100 cand): p50 {s['p50_ms']:.1f} ms  p99 {s['p99_ms']:.1f} ms  non-200 {s['non_200']}", flush=True)
+                    finally:
+                        stop_server(proc)
+                ceiling = max(res["raw_ort_rows_per_s"].values())
+                res["ratio_b_to_a"] = res["batched_sat_100"]["rows_per_s"] / ceiling
+                res["ratio_batched_to_unbatched_10"] = res["batched_sat_10"]["rows_per_s"] / res["unbatched_sat_10"]["rows_per_s"]
+                print(f"(b)/(a) = {res['ratio_b_to_a']:.2f}   batched/unbatched at 10 cand = {res['ratio_batched_to_unbatched_10']:.2f}x", flush=True)
+        finally:
+            import redis
+
+            client = redis.Redis.from_url(args.redis)
+            keys = list(client.scan_iter(match=f"{prefix}:*", count=5000))
+            for i in range(0, len(keys), 5000):
+                client.delete(*keys[i : i + 5000])
+            client.close()
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

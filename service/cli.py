@@ -1,0 +1,78 @@
+"""`ctr serve` and `ctr features load`. Only the standard library is imported at module level."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="run the scoring service (FastAPI + onnxruntime)")
+    serve.add_argument("--repo", help="model repository (MODELS_DIR/NAME/VERSION)")
+    serve.add_argument("--config", help="YAML or JSON service config (see docs/service.md)")
+    serve.add_argument("--model", help="serve this model as variant 'main' (newest version)")
+    serve.add_argument("--version", type=int, help="with --model: pin this version")
+    serve.add_argument("--redis", help="Redis URL (redis://, rediss://, redis+cluster://); default: embedded store")
+    serve.add_argument("--prefix", help="Redis key prefix (default ctr)")
+    serve.add_argument("--users", help="embedded store: users table (parquet/csv)")
+    serve.add_argument("--items", help="embedded store: items table (parquet/csv)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch-rows", type=int)
+    serve.add_argument("--max-queue-delay-ms", type=float)
+    serve.add_argument("--no-batching", action="store_true", help="one onnxruntime call per request")
+    serve.add_argument("--intra-op-threads", type=int)
+    serve.add_argument("--providers", help="comma-separated onnxruntime providers, in preference order")
+    serve.add_argument("--reload-poll-s", type=float, help="poll the repository for new versions")
+    serve.set_defaults(handler=_serve)
+
+    feats = sub.add_parser("features", help="feature store tools")
+    fsub = feats.add_subparsers(dest="features_command", metavar="ACTION")
+    fsub.required = True
+    load = fsub.add_parser("load", help="bulk-load a users/items table into Redis hashes")
+    load.add_argument("--table", required=True, help="parquet or csv with a <entity>_id column")
+    load.add_argument("--entity", required=True, choices=["user", "item"])
+    load.add_argument("--redis", required=True, help="Redis URL")
+    load.add_argument("--prefix", default="ctr")
+    load.add_argument("--ttl", type=int, default=0, help="seconds; 0 = no expiry")
+    load.set_defaults(handler=_features_load)
+
+
+def build_config(args: argparse.Namespace):  # -> ServiceConfig
+    from service.config import VariantConfig, load_config
+
+    cfg = load_config(
+        args.config,
+        repo=args.repo,
+        reload_poll_s=args.reload_poll_s,
+        features__redis_url=args.redis,
+        features__prefix=args.prefix,
+        features__users_table=args.users,
+        features__items_table=args.items,
+        batcher__max_batch_rows=args.max_batch_rows,
+        batcher__max_queue_delay_ms=args.max_queue_delay_ms,
+        batcher__enabled=False if args.no_batching else None,
+        scorer__intra_op_threads=args.intra_op_threads,
+        scorer__providers=args.providers.split(",") if args.providers else None,
+    )
+    if args.model:
+        vc = VariantConfig(name="main", model=args.model, version=args.version if args.version else "latest")
+        cfg = cfg.model_copy(update={"variants": [vc]})
+    return cfg
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from service.app import create_app
+    from service.server import serve
+
+    cfg = build_config(args)
+    serve(create_app(cfg), args.host, args.port, cfg.drain_grace_s)
+    return 0
+
+
+def _features_load(args: argparse.Namespace) -> int:
+    from service.features import bulk_load
+
+    out = bulk_load(args.table, args.entity, args.redis, args.prefix, args.ttl)
+    print(json.dumps({"entity": args.entity, "rows": out["rows"], "seconds": round(out["seconds"], 3), "rows_per_s": round(out["rows_per_s"])}))
+    return 0

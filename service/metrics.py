@@ -1,0 +1,43 @@
+"""Prometheus metrics with the names fixed in docs/design.md.
+
+Each app owns its CollectorRegistry, so several apps in one process (tests, benchmarks) do
+not collide, and /metrics shows exactly one service's numbers. Dashboards and alert rules are
+built against these names and labels: change them only together with deploy/.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Latency buckets from 0.5 ms to 2.5 s: the service's interesting range is 1–50 ms.
+_LAT = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+_PROB = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.request_seconds = Histogram(
+            "ctr_request_seconds", "POST /score latency by variant and HTTP status", ["variant", "status"], buckets=_LAT, registry=r
+        )
+        self.queue_seconds = Histogram("ctr_queue_seconds", "time rows wait in the batcher queue", ["variant"], buckets=_LAT, registry=r)
+        self.batch_rows = Histogram("ctr_batch_rows", "rows per onnxruntime call (before bucket padding)", ["variant"], buckets=_ROWS, registry=r)
+        self.inference_seconds = Histogram("ctr_inference_seconds", "onnxruntime run time per batch", ["variant"], buckets=_LAT, registry=r)
+        self.feature_fetch_seconds = Histogram(
+            "ctr_feature_fetch_seconds", "feature store round trip per request", ["store"], buckets=_LAT, registry=r
+        )
+        self.feature_missing = Counter(
+            "ctr_feature_missing_total", "entities or fields served with the OOV/default token", ["entity"], registry=r
+        )
+        self.cache_hits = Counter("ctr_cache_hits_total", "item rows served from the in-process cache", registry=r)
+        self.cache_misses = Counter("ctr_cache_misses_total", "item rows fetched from the store", registry=r)
+        self.inflight_rows = Gauge("ctr_inflight_rows", "rows accepted and not yet answered", ["variant"], registry=r)
+        self.rejected = Counter("ctr_rejected_total", "requests refused with 503", ["variant", "reason"], registry=r)
+        self.degraded = Counter("ctr_degraded_total", "requests served with default features", ["reason"], registry=r)
+        self.reload = Counter("ctr_reload_total", "model version loads", ["variant", "result"], registry=r)
+        self.prediction = Histogram("ctr_prediction", "predicted probabilities", ["variant"], buckets=_PROB, registry=r)
+        self.model_info = Gauge("ctr_model_info", "the model version serving each variant", ["name", "version", "variant", "provider"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,93 @@
+"""Shared pieces for the service tests (not collected: the name does not start with test_)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+
+from model.spec import FeatureSpec
+from service.config import ServiceConfig, load_config
+from service.testing import tiny_reference
+
+
+def config(repo: Path, synth_dir: Path | None = None, **over: Any) -> ServiceConfig:
+    base: dict[str, Any] = {
+        "repo": str(repo),
+        "variants": [{"name": "main", "model": "synth"}],
+        "scorer": {"buckets": [1, 16, 128, 512], "intra_op_threads": 1, "warmup_runs": 1},
+        "batcher": {"max_batch_rows": 512, "max_queue_delay_ms": 2},
+    }
+    if synth_dir is not None:
+        base["features"] = {"users_table": str(synth_dir / "users.parquet"), "items_table": str(synth_dir / "items.parquet")}
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            base[k] = {**base[k], **v}
+        else:
+            base[k] = v
+    return load_config(None, **base)
+
+
+def request_body(synth_dir: Path, n_items: int = 20, user_index: int = 3, seed: int = 0) -> dict[str, Any]:
+    users = pd.read_parquet(synth_dir / "users.parquet")
+    items = pd.read_parquet(synth_dir / "items.parquet")
+    rng = np.random.default_rng(seed)
+    picked = items["item_id"].to_numpy()[rng.choice(len(items), n_items, replace=n_items > len(items))]
+    return {
+        "request_id": f"r{seed}",
+        "user_id": str(users["user_id"].iloc[user_index]),
+        "context": {"device": "ios", "hour": 9},
+        "items": [{"item_id": str(i)} for i in picked],
+    }
+
+
+def offline_scores(spec: FeatureSpec, weights: dict[str, np.ndarray], synth_dir: Path, body: dict[str, Any]) -> np.ndarray:
+    """The same rows built the offline way: join the tables into one DataFrame and encode."""
+    users = pd.read_parquet(synth_dir / "users.parquet").set_index("user_id")
+    items = pd.read_parquet(synth_dir / "items.parquet").set_index("item_id")
+    rows = []
+    for it in body["items"]:
+        row: dict[str, Any] = {"user_id": body["user_id"], "item_id": it["item_id"]}
+        if body["user_id"] in users.index:
+            row.update(users.loc[body["user_id"]].to_dict())
+        if it["item_id"] in items.index:
+            row.update(items.loc[it["item_id"]].to_dict())
+        row.update(body.get("context", {}))
+        row.update(it.get("features") or {})
+        rows.append(row)
+    return tiny_reference(weights, spec.encode(pd.DataFrame(rows), strict=False))
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels` (0 when absent)."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric, _, lab = head.partition("{")
+        if metric != name:
+            continue
+        if all(f'{k}="{v}"' in lab for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+async def fire(url: str, bodies: list[dict[str, Any]], concurrency: int = 16, timeout: float = 30.0) -> list[httpx.Response]:
+    """Send bodies with bounded concurrency; returns the responses in body order."""
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
+
+        async def one(b: dict[str, Any]) -> httpx.Response:
+            async with sem:
+                return await client.post("/score", json=b)
+
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
