@@ -182,7 +182,7 @@ class FeatureSpec:
         if isinstance(table, (list, tuple)) and len(table) == 0:
             return np.empty((0, self.num_fields), dtype=np.int64)
         columns = _as_columns(table)
-        n = _num_rows(columns)
+        n = len(table) if isinstance(table, (list, tuple)) else _num_rows(columns)
         out = np.empty((n, self.num_fields), dtype=np.int64)
         for j, f in enumerate(self.fields):
             if f.kind == "cross":

@@ -73,8 +73,8 @@ def load_package(repo: str | Path, name: str, version: int) -> Package:
         spec=spec,
         onnx_path=path / "model.onnx",
         metadata=metadata,
-        input_name=_first_name(io.get("inputs"), metadata.get("input_name"), "tokens"),
-        output_name=_first_name(io.get("outputs"), metadata.get("output_name"), "probability"),
+        input_name=_first_name(metadata.get("inputs") or io.get("inputs"), metadata.get("input_name"), "tokens"),
+        output_name=_first_name(metadata.get("outputs") or io.get("outputs"), metadata.get("output_name"), "probability"),
     )
 
 

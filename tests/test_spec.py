@@ -111,6 +111,8 @@ def test_empty_input_gives_empty_tokens(train):
     fitted = _spec().fit(train)
     assert fitted.encode([]).shape == (0, 5)
     assert fitted.encode(train.iloc[:0]).shape == (0, 5)
+    # rows with no known columns still count as rows (all OOV) in serving mode
+    assert fitted.encode([{}, {}], strict=False).shape == (2, 5)
 
 
 def test_service_mode_fills_absent_columns_with_oov(train):
