@@ -187,7 +187,7 @@ class FeatureSpec:
         for j, f in enumerate(self.fields):
             if f.kind == "cross":
                 idx = [self.field_names.index(i) for i in f.inputs]
-                out[:, j] = self._hash_cross(out[:, idx], f)
+                out[:, j] = self.hash_cross(out[:, idx], f)
                 continue
             col = _column(columns, f.name, strict=strict)
             if col is None:
@@ -236,7 +236,11 @@ class FeatureSpec:
         ids[np.isnan(nums)] = OOV_ID
         return ids
 
-    def _hash_cross(self, parts: np.ndarray, f: FieldSpec) -> np.ndarray:
+    def hash_cross(self, parts: np.ndarray, f: FieldSpec) -> np.ndarray:
+        """Cross bucket ids from the input fields' token ids [rows, len(f.inputs)].
+
+        Public so the service's per-item token cache hashes crosses with this one formula.
+        """
         h = np.full(parts.shape[0], np.uint64(self.hash_seed) ^ _GOLDEN, dtype=np.uint64)
         with np.errstate(over="ignore"):
             for k in range(parts.shape[1]):

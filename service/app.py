@@ -160,8 +160,7 @@ def create_app(cfg: ServiceConfig, store: FeatureStore | None = None) -> FastAPI
         missing = Missing()
         feats = [it.features for it in req.items]
         try:
-            cols = model.encoder.columns(req.user_id, fetched.user, fetched.items, item_ids, feats, req.context, missing)
-            tokens = model.encoder.encode(cols)
+            tokens = model.fast.encode_request(req.user_id, fetched.user, fetched.items, item_ids, feats, req.context, missing)
         except SpecError as exc:
             finish(variant, 422, t0)
             return _json(422, {"detail": [{"loc": ["body"], "msg": str(exc), "type": "value_error"}]})
@@ -244,8 +243,8 @@ async def _shadow(svc: Service, req: ScoreRequest, fetched: Fetched, item_ids: l
     name = svc.cfg.shadow.name
     try:
         model = svc.registry.get(name)
-        cols = model.encoder.columns(req.user_id, fetched.user, fetched.items, item_ids, feats, req.context)
-        probs = await model.batcher.submit(model.encoder.encode(cols), time.monotonic() + svc.cfg.batcher.timeout_ms / 1000)
+        tokens = model.fast.encode_request(req.user_id, fetched.user, fetched.items, item_ids, feats, req.context)
+        probs = await model.batcher.submit(tokens, time.monotonic() + svc.cfg.batcher.timeout_ms / 1000)
     except Overloaded as exc:
         svc.metrics.rejected.labels(name, exc.reason).inc()
         return

@@ -20,7 +20,7 @@ from typing import Any
 from model.logs import kv
 from service.batcher import Batcher
 from service.config import ServiceConfig, VariantConfig
-from service.encoding import RequestEncoder
+from service.encoding import FastEncoder, RequestEncoder
 from service.metrics import Metrics
 from service.package import Package, PackageRefused, latest_version, load_package
 from service.scorer import Scorer
@@ -39,6 +39,10 @@ class LoadedModel:
     encoder: RequestEncoder
     scorer: Scorer
     batcher: Batcher
+    fast: FastEncoder = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.fast = FastEncoder(self.encoder)
 
     @property
     def name(self) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pandas as pd
+import pytest
 
 from model.spec import FeatureSpec
 from service.config import ServiceConfig, load_config
@@ -45,8 +46,12 @@ def request_body(synth_dir: Path, n_items: int = 20, user_index: int = 3, seed: 
     }
 
 
-def offline_scores(spec: FeatureSpec, weights: dict[str, np.ndarray], synth_dir: Path, body: dict[str, Any]) -> np.ndarray:
-    """The same rows built the offline way: join the tables into one DataFrame and encode."""
+def offline_scores(spec: FeatureSpec, reference: Any, synth_dir: Path, body: dict[str, Any]) -> np.ndarray:
+    """The same rows built the offline way: join the tables into one DataFrame and encode.
+
+    `reference` is an `export.offline_scorer.OfflineScorer` (a trained package: its own spec
+    encodes) or the weights of a `service.testing.tiny_package` model.
+    """
     users = pd.read_parquet(synth_dir / "users.parquet").set_index("user_id")
     items = pd.read_parquet(synth_dir / "items.parquet").set_index("item_id")
     rows = []
@@ -59,7 +64,9 @@ def offline_scores(spec: FeatureSpec, weights: dict[str, np.ndarray], synth_dir:
         row.update(body.get("context", {}))
         row.update(it.get("features") or {})
         rows.append(row)
-    return tiny_reference(weights, spec.encode(pd.DataFrame(rows), strict=False))
+    if hasattr(reference, "score_rows"):
+        return np.asarray(reference.score_rows(pd.DataFrame(rows)), dtype=np.float64)
+    return tiny_reference(reference, spec.encode(pd.DataFrame(rows), strict=False))
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
@@ -91,3 +98,33 @@ async def fire(url: str, bodies: list[dict[str, Any]], concurrency: int = 16, ti
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# A real training run, as small as still trains: DGenCTR (both stages), 1 epoch each, width 8.
+TINY_TRAIN = ["--model", "dgenctr", "--epochs", "1", "--pretrain-epochs", "1", "--max-rows", "4000", "--batch-size", "512",
+              "--d-model", "8", "--layers", "1", "--heads", "2", "--no-progress", "--threads", "1"]
+
+
+def train_and_export(data_dir: Path, work: Path, name: str = "synth") -> Path:
+    """`ctr train` then `ctr export`, run as the CLI runs them; returns the published package.
+
+    Child processes keep torch out of the test process, exactly as in production, where the
+    service never imports it.
+    """
+    import subprocess
+    import sys
+
+    run, repo = work / "run", work / "models"
+    for argv in (
+        ["train", "--spec", "synthetic", "--data", str(data_dir), "--out", str(run), *TINY_TRAIN],
+        ["export", "--run", str(run), "--repo", str(repo), "--name", name],
+    ):
+        out = subprocess.run([sys.executable, "-m", "ctr", *argv], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise RuntimeError(f"ctr {argv[0]} failed: {out.stderr[-3000:]}")
+    return repo / name / "1"
+
+
+@pytest.fixture(scope="session")
+def trained_package(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny real DGenCTR run exported with the exporter (MODELS/synth/1), once per session."""
+    return train_and_export(synth_dir, tmp_path_factory.mktemp("trained"))
