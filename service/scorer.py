@@ -29,7 +29,7 @@ class Scorer:
         providers: Sequence[str] = ("CUDAExecutionProvider", "CPUExecutionProvider"),
         intra_op_threads: int = 0,
         inter_op_threads: int = 1,
-        buckets: Sequence[int] = (1, 8, 32, 128, 512, 1024),
+        buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024),
         input_name: str = "tokens",
         output_name: str = "probability",
     ) -> None:
