@@ -1,0 +1,193 @@
+"""Stage 1 of DGenCTR: masked (absorbing-state) discrete diffusion over fields and label.
+
+Forward process: draw t ~ U(0, 1) per sample and replace each element by [MASK] with
+probability lambda(t); at least one element is always masked, so every sample teaches
+something. The denoiser restores masked fields with a sampled softmax over in-batch
+candidates (cosine similarity / tau, duplicates of the true value removed from the
+negatives) and a masked label with cross-entropy. Everything is averaged over masked elements.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.dgenctr import DGenCTR
+from model.spec import MASK_ID, PAD_ID
+
+
+@dataclass
+class PretrainConfig:
+    epochs: int = 2
+    batch_size: int = 2048
+    lr: float = 3e-3  # 1e-3 for one epoch transferred nothing measurable on Frappe (docs/results.md)
+    weight_decay: float = 0.01
+    schedule: str = "linear"  # lambda(t): "linear" (t) or "cosine" (1 - cos(pi t / 2))
+    tau: float = 0.1  # temperature of the cosine sampled softmax
+    num_negatives: int = 512  # in-batch candidates per masked field (the first K rows of the batch)
+    mask_label: bool = True  # False: the label is never masked (ablation "no label in pre-training")
+    label_weight: float = 1.0  # weight of the masked-label cross-entropy against a field's loss
+    min_t: float = 0.0  # lower bound of t, to skip nearly-unmasked samples if wanted
+
+
+def mask_prob(t: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
+    """lambda(t): the probability that an element is masked at time t in [0, 1]."""
+    if schedule == "linear":
+        return t
+    if schedule == "cosine":
+        return 1.0 - torch.cos(t * math.pi / 2)
+    raise ValueError(f"unknown mask schedule '{schedule}' (linear or cosine)")
+
+
+def sample_mask(
+    batch: int,
+    num_fields: int,
+    schedule: str = "linear",
+    mask_label: bool = True,
+    generator: torch.Generator | None = None,
+    min_t: float = 0.0,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Bool mask [batch, num_fields + 1]; the last column is the label.
+
+    Each row has at least one masked element among those allowed (the label is allowed only
+    when `mask_label`): a row the coin flips left clean gets one element chosen uniformly.
+    """
+    n = num_fields + 1
+    eligible = n if mask_label else num_fields
+    t = min_t + (1.0 - min_t) * torch.rand(batch, 1, generator=generator)
+    m = torch.rand(batch, n, generator=generator) < mask_prob(t, schedule)
+    if not mask_label:
+        m[:, -1] = False
+    forced = torch.randint(0, eligible, (batch,), generator=generator)
+    empty = ~m.any(dim=1)
+    m[empty, forced[empty]] = True
+    return m.to(device) if device is not None else m
+
+
+def sampled_softmax_loss(
+    gen: torch.Tensor, cand: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, tau: float, num_negatives: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-element losses for masked feature fields.
+
+    gen [B, F, e]: G_k(h_k); cand [B, F, e]: e(f_k) of each row's true value; tokens [B, F];
+    mask [B, F]. The negatives of row b, field k are the first K rows' values of field k,
+    minus any equal to row b's true value (which also drops the row itself).
+
+    Returns (loss_sum, correct [F], masked [F]): the summed loss over masked elements and,
+    per field, how many masked elements ranked the true value first.
+    """
+    g = F.normalize(gen, dim=-1)
+    c = F.normalize(cand, dim=-1)
+    k = min(num_negatives, tokens.shape[0])
+    pos = (g * c).sum(-1) / tau  # [B, F]
+    neg = torch.einsum("bfe,kfe->bfk", g, c[:k]) / tau  # [B, F, K]
+    dup = tokens.unsqueeze(-1) == tokens[:k].t().unsqueeze(0)  # [B, F, K]
+    neg = neg.masked_fill(dup, float("-inf"))
+    logits = torch.cat([pos.unsqueeze(-1), neg], dim=-1)
+    per_elem = torch.logsumexp(logits, dim=-1) - pos  # [B, F]
+    maskf = mask.to(per_elem.dtype)
+    loss_sum = (per_elem * maskf).sum()
+    with torch.no_grad():
+        correct = ((pos > neg.max(dim=-1).values) & mask).sum(0).float()
+        masked = mask.sum(0).float()
+    return loss_sum, correct, masked
+
+
+class PretrainObjective(nn.Module):
+    """Stage-1 loss of a DGenCTR; returns (mean loss over masked elements, stats).
+
+    stats["correct"] and stats["masked"] are [F+1] counts (fields then label), so the loop can
+    report each field's in-batch reconstruction accuracy.
+    """
+
+    def __init__(self, model: DGenCTR, cfg: PretrainConfig, seed: int) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        b, f = tokens.shape
+        mask = sample_mask(b, f, self.cfg.schedule, self.cfg.mask_label, self.generator, self.cfg.min_t, tokens.device)
+        h = self.model.hidden(tokens, labels, mask)
+        gen = self.model.generate(h)
+        cand = self.model.embedding(tokens)
+        # PAD/MASK never appear as real values; OOV does and is a legitimate target.
+        field_mask = mask[:, :f] & (tokens != PAD_ID) & (tokens != MASK_ID)
+        feat_sum, correct, masked = sampled_softmax_loss(gen, cand, tokens, field_mask, self.cfg.tau, self.cfg.num_negatives)
+        label_mask = mask[:, f]
+        logit = self.model.label_logit(h)
+        label_ce = F.binary_cross_entropy_with_logits(logit, labels, reduction="none")
+        lm = label_mask.to(label_ce.dtype)
+        label_sum = (label_ce * lm).sum()
+        n_masked = field_mask.sum() + label_mask.sum()
+        loss = (feat_sum + self.cfg.label_weight * label_sum) / n_masked.clamp(min=1)
+        with torch.no_grad():
+            label_correct = (((logit > 0).to(labels.dtype) == labels) & label_mask).sum().float()
+        stats = {
+            "correct": torch.cat([correct, label_correct.view(1)]),
+            "masked": torch.cat([masked, lm.sum().view(1)]),
+        }
+        return loss, stats
+
+
+@torch.no_grad()
+def reconstruction_report(
+    model: DGenCTR, tokens: torch.Tensor, labels: torch.Tensor, field_names: list[str], schedule: str = "linear", seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """Full-vocabulary top-1 accuracy of each masked field (and the label) on held-out rows.
+
+    Beside each accuracy sits the accuracy of always guessing the field's most frequent value
+    in these rows, so a reader sees how much the generator learned beyond the marginal.
+    """
+    was = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    b, f = tokens.shape
+    mask = sample_mask(b, f, schedule, True, g)
+    h = model.hidden(tokens, labels, mask)
+    gen = F.normalize(model.generate(h), dim=-1)
+    report: dict[str, dict[str, float]] = {}
+    for k, name in enumerate(field_names):
+        rows = mask[:, k]
+        if not rows.any():
+            continue
+        table = F.normalize(model.embedding.field_table(k), dim=-1).clone()
+        scores = gen[rows, k] @ table.t()
+        scores[:, PAD_ID] = float("-inf")
+        scores[:, MASK_ID] = float("-inf")
+        truth = tokens[rows, k]
+        acc = (scores.argmax(-1) == truth).float().mean().item()
+        mode = torch.mode(tokens[:, k]).values
+        report[name] = {"accuracy": acc, "majority": (truth == mode).float().mean().item(), "masked": int(rows.sum())}
+    rows = mask[:, -1]
+    if rows.any():
+        pred = (model.label_logit(h)[rows] > 0).float()
+        truth = labels[rows]
+        majority = max(truth.mean().item(), 1 - truth.mean().item())
+        report["label"] = {"accuracy": (pred == truth).float().mean().item(), "majority": majority, "masked": int(rows.sum())}
+    model.train(was)
+    return report
+
+
+def transfer(pretrained: dict[str, torch.Tensor], target: nn.Module, mode: str = "all") -> list[str]:
+    """Copy pre-trained tensors into the fine-tuning network; returns the names copied.
+
+    "all" copies every tensor (and insists the two networks match exactly); "embedding" copies
+    only the value-embedding table (the embedding-only transfer ablation).
+    """
+    if mode == "all":
+        target.load_state_dict(pretrained, strict=True)
+        return sorted(pretrained)
+    if mode == "embedding":
+        keys = [k for k in pretrained if k.startswith("embedding.")]
+        if not keys:
+            raise ValueError("pre-trained state has no embedding tensors")
+        target.load_state_dict({k: pretrained[k] for k in keys}, strict=False)
+        return sorted(keys)
+    raise ValueError(f"unknown transfer mode '{mode}' (all or embedding)")

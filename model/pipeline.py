@@ -1,0 +1,172 @@
+"""One training run end to end: data -> (stage 1) -> stage 2 / supervised -> metrics -> run dir.
+
+`ctr train` and the quality benchmark both call `train_run`, so a benchmark number is exactly
+what a user gets from the command line with the same flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.data import load_encoded
+from model.diffusion import PretrainConfig, PretrainObjective, reconstruction_report, transfer
+from model.logs import kv
+from model.networks import MODELS, build_model, model_config
+from model.readers import DataError
+from model.run_io import save_run, save_weights
+from model.spec import FeatureSpec
+from model.trainer import DistContext, TrainConfig, evaluate_split, fit_supervised, init_distributed, run_fixed_epochs, seed_everything, set_threads
+
+log = logging.getLogger(__name__)
+
+PRETRAIN_MODES = ("full", "embedding", "none")
+
+
+@dataclass
+class RunConfig:
+    model_type: str
+    spec: str
+    data: str
+    out: str
+    seed: int = 2024
+    model: dict[str, Any] = field(default_factory=dict)  # overrides of the network's config dataclass
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    # DGenCTR only. "full": stage 1 then transfer every tensor; "embedding": transfer only the
+    # embedding table; "none": the same network trained from scratch (ablations).
+    pretrain_mode: str = "full"
+    pretrained: str | None = None  # a stage-1 checkpoint (safetensors) to reuse instead of running stage 1
+    max_rows: int | None = None  # cap every split (smoke runs)
+    threads: int = 0  # torch threads per rank; 0 = cores / ranks
+
+    def variant(self) -> str:
+        if self.model_type != "dgenctr":
+            return self.model_type
+        if self.pretrain_mode == "none":
+            return "dgenctr-scratch"
+        if self.pretrain_mode == "embedding":
+            return "dgenctr-emb-only"
+        return "dgenctr" if self.pretrain.mask_label else "dgenctr-no-label"
+
+
+def validate(cfg: RunConfig) -> None:
+    """Refuse a bad run before any data is read, with a message that names the problem."""
+    if cfg.model_type not in MODELS:
+        raise ValueError(f"unknown model '{cfg.model_type}' (choose from {', '.join(MODELS)})")
+    if cfg.pretrain_mode not in PRETRAIN_MODES:
+        raise ValueError(f"unknown pretrain mode '{cfg.pretrain_mode}' (choose from {', '.join(PRETRAIN_MODES)})")
+    if not Path(cfg.data).is_dir():
+        raise DataError(f"data directory not found: {cfg.data}")
+    if cfg.pretrained and not Path(cfg.pretrained).exists():
+        raise DataError(f"pre-trained checkpoint not found: {cfg.pretrained}")
+    model_config(cfg.model_type, cfg.model)  # unknown model options fail here
+
+
+def _pretrain_loop_config(cfg: RunConfig) -> TrainConfig:
+    p = cfg.pretrain
+    return dataclasses.replace(
+        cfg.train, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay, seed=cfg.seed + 1
+    )
+
+
+def pretrain(model: torch.nn.Module, spec: FeatureSpec, splits: dict, cfg: RunConfig, ctx: DistContext) -> dict[str, Any]:
+    """Stage 1 on the train split only; logs per-field reconstruction accuracy each epoch."""
+    objective = PretrainObjective(model, cfg.pretrain, seed=cfg.seed * 7919 + ctx.rank)
+    names = spec.field_names + ["label"]
+    per_epoch: list[dict[str, Any]] = []
+
+    def on_epoch_end(epoch: int, out: dict[str, Any]) -> None:
+        st = out["stats"]
+        acc = (st["correct"] / st["masked"].clamp(min=1)).tolist()
+        row = {"epoch": epoch + 1, "loss": out["loss"], "seconds": out["seconds"], "in_batch_accuracy": dict(zip(names, acc))}
+        per_epoch.append(row)
+        if ctx.is_main:
+            log.info("pretrain_epoch %s", kv(epoch=epoch + 1, loss=out["loss"], seconds=round(out["seconds"], 1),
+                                              **{f"acc_{n}": round(a, 3) for n, a in zip(names, acc)}))
+
+    t0 = time.perf_counter()
+    run_fixed_epochs(objective, list(model.parameters()), splits["train"], _pretrain_loop_config(cfg), ctx, "pretrain", on_epoch_end)
+    seconds = time.perf_counter() - t0
+    valid = splits["valid"].head(8192)
+    report = reconstruction_report(model, valid.tokens, valid.labels, spec.field_names, cfg.pretrain.schedule, seed=cfg.seed)
+    if ctx.is_main:
+        for name, r in report.items():
+            log.info("reconstruction %s", kv(field=name, accuracy=round(r["accuracy"], 4), majority=round(r["majority"], 4), masked=r["masked"]))
+    return {"epochs": per_epoch, "valid_reconstruction": report, "seconds": seconds}
+
+
+def train_run(cfg: RunConfig, ctx: DistContext | None = None) -> dict[str, Any]:
+    """Train, evaluate, and (on rank 0) write the run directory. Returns metrics.json's content."""
+    validate(cfg)
+    ctx = ctx or init_distributed()
+    threads = set_threads(ctx, cfg.threads)
+    seed_everything(cfg.seed)
+    start = time.perf_counter()
+    spec, splits = load_encoded(FeatureSpec.load(cfg.spec), cfg.data, max_rows=cfg.max_rows)
+    model_cfg = model_config(cfg.model_type, cfg.model)
+    vocab = spec.vocab_sizes
+    if ctx.is_main:
+        log.info("train_start %s", kv(model=cfg.variant(), seed=cfg.seed, ranks=ctx.world, threads=threads,
+                                       train_rows=len(splits["train"]), fields=spec.num_fields))
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model_type, model_cfg, vocab).to(ctx.device)
+    pre_info: dict[str, Any] | None = None
+    if cfg.model_type == "dgenctr" and cfg.pretrain_mode != "none":
+        if cfg.pretrained:
+            from safetensors.torch import load_file
+
+            state = load_file(cfg.pretrained)
+            pre_info = {"checkpoint": str(cfg.pretrained)}
+        else:
+            seed_everything(cfg.seed + ctx.rank)
+            pre_info = pretrain(model, spec, splits, cfg, ctx)
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            if ctx.is_main:
+                Path(cfg.out).mkdir(parents=True, exist_ok=True)
+                save_weights(model, Path(cfg.out) / "pretrained.safetensors")
+        # Stage 2 starts from a freshly built network and takes over the pre-trained tensors,
+        # so "all" and "embedding" transfer differ only in what `transfer` copies.
+        seed_everything(cfg.seed)
+        model = build_model(cfg.model_type, model_cfg, vocab)
+        copied = transfer(state, model, "all" if cfg.pretrain_mode == "full" else "embedding")
+        model.to(ctx.device)
+        pre_info["transferred_tensors"] = len(copied)
+    seed_everything(cfg.seed + ctx.rank)  # dropout streams differ per rank; weights are DDP-broadcast
+    fit = fit_supervised(model, splits["train"], splits["valid"], cfg.train, ctx, stage="finetune" if pre_info else "train")
+    train_seconds = time.perf_counter() - start
+    valid_m = evaluate_split(model, splits["valid"], ctx, cfg.train.eval_batch_size)
+    test_m = evaluate_split(model, splits["test"], ctx, cfg.train.eval_batch_size) if "test" in splits else {}
+    metrics: dict[str, Any] = {
+        "model": cfg.model_type,
+        "variant": cfg.variant(),
+        "valid": valid_m,
+        "test": test_m,
+        "train_seconds": train_seconds,
+        "seed": cfg.seed,
+        "best_epoch": fit.best_epoch,
+        "world_size": ctx.world,
+        "history": fit.history,
+    }
+    if pre_info is not None:
+        metrics["pretrain"] = pre_info
+    if ctx.is_main:
+        config = {
+            "model_type": cfg.model_type,
+            "model": asdict(model_cfg),
+            "train": {**asdict(cfg.train), "seed": cfg.seed, "pretrain_mode": cfg.pretrain_mode,
+                      "pretrain": asdict(cfg.pretrain) if cfg.model_type == "dgenctr" else None, "world_size": ctx.world},
+            "data": {"dir": str(Path(cfg.data).resolve()), "spec": cfg.spec, "rows": {s: len(e) for s, e in splits.items()},
+                     "max_rows": cfg.max_rows},
+            "variant": cfg.variant(),
+        }
+        save_run(cfg.out, model.cpu(), spec, config, metrics)
+        log.info("train_done %s", kv(model=cfg.variant(), out=cfg.out, valid_auc=valid_m["auc"], test_auc=test_m.get("auc"),
+                                      test_logloss=test_m.get("logloss"), seconds=round(train_seconds, 1)))
+    return metrics

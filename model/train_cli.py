@@ -1,0 +1,125 @@
+"""`ctr train`: train one model and write its run directory.
+
+Only the standard library is imported at module level, so `ctr --help` and `ctr serve` never
+load torch; the handler imports the training code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+MODEL_CHOICES = ("dgenctr", "dnn", "deepfm", "dcnv2")
+
+
+def _kv_option(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got '{text}'")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip().replace("-", "_"), value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train and evaluate a CTR model; writes weights, spec, config and metrics",
+        description="Train DGenCTR (two stages) or a baseline on DIR/{train,valid,test}; the spec is fitted on train only. "
+        "Also runs under `torchrun --nproc_per_node=N -m ctr train ...` (DDP).",
+    )
+    p.add_argument("--spec", required=True, help="spec file or shipped name (synthetic, frappe_x1, criteo_sample)")
+    p.add_argument("--data", required=True, help="directory with train/valid/test splits (csv or parquet)")
+    p.add_argument("--model", required=True, help=f"one of {', '.join(MODEL_CHOICES)}")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--seed", type=int, default=2024)
+
+    t = p.add_argument_group("training (stage 2 for dgenctr)")
+    t.add_argument("--epochs", type=int, default=30, help="max epochs; early stopping usually ends sooner")
+    t.add_argument("--batch-size", type=int, default=None, help="default 1024 for dgenctr, 4096 for the baselines")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--embedding-l2", type=float, default=0.0, help="FuxiCTR embedding_regularizer: + L2/2 * ||E||^2 each step (e.g. 0.05)")
+    t.add_argument("--patience", type=int, default=2, help="epochs without a valid-AUC gain before stopping")
+    t.add_argument("--lr-patience", type=int, default=0, help="extra epochs without a gain before the LR is divided by 10")
+    t.add_argument("--max-steps-per-epoch", type=int, default=0, help="cap steps per epoch (smoke runs); 0 = all")
+    t.add_argument("--max-rows", type=int, default=None, help="use only the first N rows of each split")
+    t.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / processes)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    m = p.add_argument_group("network")
+    m.add_argument("--embedding-dim", type=int, default=None, help="embedding width (dgenctr: 0 = d_model)")
+    m.add_argument("--hidden", default=None, help="MLP widths for dnn/deepfm/dcnv2, e.g. 400,400,400")
+    m.add_argument("--dropout", type=float, default=None)
+    m.add_argument("--d-model", type=int, default=None, help="dgenctr: Transformer width")
+    m.add_argument("--layers", type=int, default=None, help="dgenctr: Transformer layers")
+    m.add_argument("--heads", type=int, default=None, help="dgenctr: attention heads")
+    m.add_argument("--model-opt", action="append", type=_kv_option, default=[], metavar="KEY=VALUE",
+                   help="any other field of the model's config dataclass (repeatable), e.g. readout=concat")
+
+    d = p.add_argument_group("dgenctr stage 1 (masked diffusion pre-training)")
+    d.add_argument("--pretrain-mode", choices=["full", "embedding", "none"], default="full",
+                   help="full: transfer every tensor; embedding: embedding table only; none: no pre-training")
+    d.add_argument("--pretrain-epochs", type=int, default=2)
+    d.add_argument("--pretrain-batch-size", type=int, default=2048)
+    d.add_argument("--pretrain-lr", type=float, default=3e-3)
+    d.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="mask probability lambda(t)")
+    d.add_argument("--tau", type=float, default=0.1, help="temperature of the cosine sampled softmax")
+    d.add_argument("--num-negatives", type=int, default=512, help="in-batch candidates per masked field")
+    d.add_argument("--no-label-mask", action="store_true", help="never mask the label in pre-training (ablation)")
+    d.add_argument("--pretrained", default=None, help="reuse a stage-1 checkpoint (RUN_DIR/pretrained.safetensors)")
+    p.set_defaults(handler=_train)
+
+
+def build_run_config(args: argparse.Namespace):  # -> model.pipeline.RunConfig
+    from model.diffusion import PretrainConfig
+    from model.pipeline import RunConfig
+    from model.trainer import TrainConfig
+
+    overrides: dict[str, Any] = dict(args.model_opt)
+    if args.embedding_dim is not None:
+        overrides["embedding_dim"] = args.embedding_dim
+    if args.hidden is not None:
+        overrides["hidden"] = [int(x) for x in str(args.hidden).split(",") if x.strip()]
+    if args.dropout is not None:
+        overrides["dropout"] = args.dropout
+    for flag, key in (("d_model", "d_model"), ("layers", "layers"), ("heads", "heads")):
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    batch_size = args.batch_size or (1024 if args.model == "dgenctr" else 4096)
+    train = TrainConfig(
+        epochs=args.epochs, batch_size=batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        embedding_l2=args.embedding_l2, patience=args.patience, lr_patience=args.lr_patience,
+        max_steps_per_epoch=args.max_steps_per_epoch, seed=args.seed, progress=not args.no_progress,
+    )
+    pre = PretrainConfig(
+        epochs=args.pretrain_epochs, batch_size=args.pretrain_batch_size, lr=args.pretrain_lr, schedule=args.schedule,
+        tau=args.tau, num_negatives=args.num_negatives, mask_label=not args.no_label_mask,
+    )
+    return RunConfig(
+        model_type=args.model, spec=args.spec, data=args.data, out=args.out, seed=args.seed, model=overrides,
+        train=train, pretrain=pre, pretrain_mode=args.pretrain_mode, pretrained=args.pretrained,
+        max_rows=args.max_rows, threads=args.threads,
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.model not in MODEL_CHOICES:
+        raise ValueError(f"unknown model '{args.model}' (choose from {', '.join(MODEL_CHOICES)})")
+    from model.pipeline import train_run
+    from model.trainer import init_distributed
+
+    ctx = init_distributed()
+    metrics = train_run(build_run_config(args), ctx)
+    if ctx.is_main:
+        summary = {k: metrics[k] for k in ("model", "variant", "valid", "test", "train_seconds")}
+        print(json.dumps(summary, indent=2))
+    if ctx.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0

@@ -1,0 +1,322 @@
+"""The training loop every model shares: seeded epochs, early stopping, LR decay and DDP.
+
+One loop trains DNN, DeepFM, DCNv2 and both DGenCTR stages, so a benchmark difference is
+only about the model. The loop optimises an *objective* module (`forward(tokens, labels) ->
+(loss, stats)`), which is what gets wrapped in DistributedDataParallel: a diffusion loss
+that calls the generator heads directly still synchronises every gradient.
+
+Under `torchrun` each rank walks its shard of the same seeded permutation, validation
+predictions are gathered from all ranks, and rank 0's early-stopping decision is broadcast,
+so every rank stops at the same epoch with the same best weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from model.data import EncodedSplit, epoch_batches
+from model.logs import kv
+from model.metrics import evaluate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Stage-2 / supervised settings (FuxiCTR conventions: early stop on valid AUC, LR /10 on plateau)."""
+
+    epochs: int = 30
+    batch_size: int = 4096
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    # FuxiCTR's embedding_regularizer: adds embedding_l2 / 2 * ||E||^2 over the whole table each step
+    # (BARS tunes Frappe baselines with 0.05 or 0.1; it matters more than most network choices).
+    embedding_l2: float = 0.0
+    patience: int = 2  # epochs without a valid-AUC gain before stopping
+    lr_decay: float = 0.1
+    lr_patience: int = 0  # 0: divide the LR on the first epoch without a gain (FuxiCTR)
+    min_lr: float = 1e-6
+    grad_clip: float = 10.0
+    eval_batch_size: int = 16384
+    max_steps_per_epoch: int = 0  # 0: the whole split; >0 caps an epoch (tests, smoke runs)
+    seed: int = 2024
+    progress: bool = True
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed() -> DistContext:
+    """Join the process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    rank = int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device, backend = torch.device("cuda", local), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return DistContext(rank=rank, world=world, device=device)
+
+
+def set_threads(ctx: DistContext, threads: int = 0) -> int:
+    """Split the machine's cores across ranks: oversubscribed BLAS threads thrash."""
+    n = threads or max(1, (os.cpu_count() or 1) // ctx.world)
+    torch.set_num_threads(n)
+    return n
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------- objectives
+class BCEObjective(nn.Module):
+    """Click loss on `model(tokens)`: every baseline, and DGenCTR stage 2 (label masked in forward)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = F.binary_cross_entropy_with_logits(self.model(tokens), labels)
+        return loss, {}
+
+
+def _embedding_penalty(model: nn.Module) -> torch.Tensor:
+    emb = getattr(model, "embedding", None)
+    if emb is None:
+        return torch.zeros(())
+    return 0.5 * emb.table.weight.pow(2).sum()
+
+
+# ---------------------------------------------------------------------- inference
+@torch.no_grad()
+def predict(model: nn.Module, tokens: torch.Tensor, batch_size: int = 16384, device: torch.device | None = None) -> np.ndarray:
+    was_training = model.training
+    model.eval()
+    out = []
+    for chunk in torch.split(tokens, batch_size):
+        if device is not None:
+            chunk = chunk.to(device)
+        out.append(torch.sigmoid(model(chunk).float()).cpu())
+    model.train(was_training)
+    return torch.cat(out).numpy() if out else np.empty(0, dtype=np.float32)
+
+
+def evaluate_split(model: nn.Module, split: EncodedSplit, ctx: DistContext, batch_size: int = 16384, with_gauc: bool = True) -> dict[str, float]:
+    """Metrics on a whole split; under DDP each rank predicts a contiguous shard and all gather."""
+    n = len(split)
+    if not ctx.distributed:
+        probs = predict(model, split.tokens, batch_size, ctx.device)
+    else:
+        per = -(-n // ctx.world)
+        lo, hi = min(n, ctx.rank * per), min(n, (ctx.rank + 1) * per)
+        local = torch.zeros(per, dtype=torch.float32)
+        local[: hi - lo] = torch.from_numpy(predict(model, split.tokens[lo:hi], batch_size, ctx.device))
+        gathered = [torch.zeros(per, dtype=torch.float32) for _ in range(ctx.world)]
+        if ctx.device.type == "cuda":
+            local = local.to(ctx.device)
+            gathered = [g.to(ctx.device) for g in gathered]
+        dist.all_gather(gathered, local)
+        probs = torch.cat([g.cpu() for g in gathered])[:n].numpy()
+    return evaluate(split.labels.numpy(), probs, split.groups, with_gauc=with_gauc)
+
+
+# ---------------------------------------------------------------------- the loop
+def _wrap(objective: nn.Module, ctx: DistContext) -> nn.Module:
+    if not ctx.distributed:
+        return objective
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    kwargs: dict[str, Any] = {"find_unused_parameters": True}
+    if ctx.device.type == "cuda":
+        kwargs["device_ids"] = [ctx.device.index]
+    return DDP(objective, **kwargs)
+
+
+def _all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    if ctx.distributed:
+        t = t.to(ctx.device)
+        dist.all_reduce(t)
+        t = t.cpu()
+    return t
+
+
+def _broadcast_flag(flag: bool, ctx: DistContext) -> bool:
+    if not ctx.distributed:
+        return flag
+    t = torch.tensor([1 if flag else 0], device=ctx.device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def run_epoch(
+    objective: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    split: EncodedSplit,
+    epoch: int,
+    cfg: TrainConfig,
+    ctx: DistContext,
+    desc: str,
+    embedding_model: nn.Module | None = None,
+    after_step: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """One pass over this rank's shard. Returns the mean loss and summed objective stats."""
+    objective.train()
+    batches = epoch_batches(len(split), cfg.batch_size, cfg.seed, epoch, ctx.rank, ctx.world, drop_last=True)
+    if cfg.max_steps_per_epoch:
+        batches = batches[: cfg.max_steps_per_epoch]
+    total, steps = torch.zeros(()), 0
+    stats_sum: dict[str, torch.Tensor] = {}
+    bar = tqdm(batches, desc=desc, leave=False, disable=not (cfg.progress and ctx.is_main), unit="batch")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for idx in bar:
+        tokens, labels = split.tokens[idx].to(ctx.device), split.labels[idx].to(ctx.device)
+        loss, stats = objective(tokens, labels)
+        if cfg.embedding_l2 > 0 and embedding_model is not None:
+            loss = loss + cfg.embedding_l2 * _embedding_penalty(embedding_model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+        total += loss.detach().cpu()
+        steps += 1
+        for k, v in stats.items():
+            stats_sum[k] = stats_sum.get(k, 0) + v.detach().cpu()
+        if steps % 10 == 0:
+            bar.set_postfix(loss=f"{float(total) / steps:.4f}")
+    bar.close()
+    summed = _all_reduce_sum(torch.stack([total, torch.tensor(float(steps))]), ctx)
+    stats_sum = {k: _all_reduce_sum(v.clone(), ctx) for k, v in stats_sum.items()}
+    return {"loss": float(summed[0] / max(summed[1], 1.0)), "steps": steps, "stats": stats_sum}
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_valid: dict[str, float]
+    history: list[dict[str, Any]]
+    seconds: float
+
+
+def fit_supervised(
+    model: nn.Module,
+    train: EncodedSplit,
+    valid: EncodedSplit,
+    cfg: TrainConfig,
+    ctx: DistContext,
+    stage: str = "train",
+    objective: nn.Module | None = None,
+) -> FitResult:
+    """Train with BCE until valid AUC stops improving; leave `model` holding the best weights."""
+    start = time.perf_counter()
+    objective = objective or BCEObjective(model)
+    wrapped = _wrap(objective, ctx)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=cfg.lr_decay, patience=cfg.lr_patience, min_lr=cfg.min_lr
+    )
+    best_auc, best_epoch, best_state, wait = -1.0, -1, copy.deepcopy(model.state_dict()), 0
+    best_valid: dict[str, float] = {}
+    history: list[dict[str, Any]] = []
+    epochs = tqdm(range(cfg.epochs), desc=f"{stage} epochs", disable=not (cfg.progress and ctx.is_main), unit="epoch")
+    for epoch in epochs:
+        t0 = time.perf_counter()
+        out = run_epoch(wrapped, optimizer, train, epoch, cfg, ctx, f"{stage} {epoch + 1}/{cfg.epochs}", model)
+        valid_m = evaluate_split(model, valid, ctx, cfg.eval_batch_size, with_gauc=False)
+        lr = optimizer.param_groups[0]["lr"]
+        improved = valid_m["auc"] > best_auc + 1e-6
+        if improved:
+            best_auc, best_epoch, wait = valid_m["auc"], epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+            best_valid = valid_m
+        else:
+            wait += 1
+        scheduler.step(valid_m["auc"])
+        stop = _broadcast_flag(wait >= cfg.patience, ctx)
+        row = {"epoch": epoch + 1, "stage": stage, "train_loss": out["loss"], "valid_auc": valid_m["auc"],
+               "valid_logloss": valid_m["logloss"], "lr": lr, "seconds": time.perf_counter() - t0}
+        history.append(row)
+        epochs.set_postfix(auc=f"{valid_m['auc']:.5f}", best=f"{best_auc:.5f}")
+        if ctx.is_main:
+            log.info("epoch_end %s", kv(**{k: v for k, v in row.items()}, best_auc=best_auc))
+        if stop:
+            if ctx.is_main:
+                log.info("early_stop %s", kv(stage=stage, epoch=epoch + 1, best_epoch=best_epoch + 1, best_auc=best_auc))
+            break
+    epochs.close()
+    model.load_state_dict(best_state)
+    return FitResult(best_epoch + 1, best_valid, history, time.perf_counter() - start)
+
+
+def run_fixed_epochs(
+    objective: nn.Module,
+    params: list[nn.Parameter],
+    train: EncodedSplit,
+    cfg: TrainConfig,
+    ctx: DistContext,
+    stage: str,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """A fixed number of epochs with no early stopping (stage 1 pre-training)."""
+    wrapped = _wrap(objective, ctx)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(epoch_batches(len(train), cfg.batch_size, cfg.seed, 0, ctx.rank, ctx.world, drop_last=True))
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    total = max(1, steps_per_epoch * cfg.epochs)
+    warmup = max(1, total // 20)
+    # Linear warm-up then cosine decay: the usual recipe for a Transformer trained from scratch.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / total)))
+    )
+    history = []
+    epochs = tqdm(range(cfg.epochs), desc=f"{stage} epochs", disable=not (cfg.progress and ctx.is_main), unit="epoch")
+    for epoch in epochs:
+        t0 = time.perf_counter()
+        out = run_epoch(wrapped, optimizer, train, epoch, cfg, ctx, f"{stage} {epoch + 1}/{cfg.epochs}", after_step=scheduler.step)
+        out["epoch"] = epoch + 1
+        out["seconds"] = time.perf_counter() - t0
+        epochs.set_postfix(loss=f"{out['loss']:.4f}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, out)
+        history.append(out)
+    epochs.close()
+    return history

@@ -1,0 +1,110 @@
+"""Stage-1 pieces: the masking schedule, the sampled-softmax loss and weight transfer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from model.diffusion import PretrainConfig, PretrainObjective, mask_prob, sample_mask, sampled_softmax_loss, transfer
+from model.dgenctr import DGenCTR, DGenCTRConfig
+
+F_FIELDS = 10
+ROWS = 40_000
+
+
+def test_linear_schedule_masks_a_uniform_number_of_elements():
+    # With lambda(t) = t and t ~ U(0, 1), the count of masked elements among n is uniform on
+    # 0..n; forcing one element into the clean rows moves the k=0 mass onto k=1.
+    g = torch.Generator().manual_seed(0)
+    m = sample_mask(ROWS, F_FIELDS, "linear", True, g)
+    n = F_FIELDS + 1
+    assert m.shape == (ROWS, n) and m.dtype == torch.bool
+    counts = torch.bincount(m.sum(1), minlength=n + 1).double() / ROWS
+    assert counts[0] == 0
+    assert counts[1] == pytest.approx(2 / (n + 1), abs=0.01)
+    for k in range(2, n + 1):
+        assert counts[k] == pytest.approx(1 / (n + 1), abs=0.01)
+    # The label is masked like any other element.
+    per_col = m.double().mean(0)
+    assert per_col[-1] == pytest.approx(per_col[:-1].mean().item(), abs=0.02)
+
+
+def test_cosine_schedule_and_label_flag():
+    g = torch.Generator().manual_seed(1)
+    m = sample_mask(ROWS, F_FIELDS, "cosine", False, g)
+    assert not m[:, -1].any(), "label must stay visible when mask_label is False"
+    assert m[:, :-1].any(dim=1).all()
+    # E[1 - cos(pi t / 2)] = 1 - 2/pi; the forced element adds a little on top.
+    frac = m[:, :-1].double().mean().item()
+    assert 1 - 2 / math.pi <= frac <= 1 - 2 / math.pi + 0.03
+    t = torch.tensor([0.0, 0.5, 1.0])
+    assert torch.allclose(mask_prob(t, "linear"), t)
+    assert torch.allclose(mask_prob(t, "cosine"), torch.tensor([0.0, 1 - math.cos(math.pi / 4), 1.0]), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown mask schedule"):
+        mask_prob(t, "square")
+
+
+def test_sampled_softmax_on_a_hand_built_batch():
+    # Three rows, one field; rows 0 and 2 hold the same value (token 5), row 1 holds token 6.
+    cand = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[1.0, 0.0]]])
+    gen = torch.tensor([[[2.0, 0.0]], [[1.0, 0.0]], [[0.0, 3.0]]])  # cosine ignores the length
+    tokens = torch.tensor([[5], [6], [5]])
+    mask = torch.tensor([[True], [True], [False]])
+    loss_sum, correct, masked = sampled_softmax_loss(gen, cand, tokens, mask, tau=1.0, num_negatives=3)
+    # Row 0: positive cos 1; negatives: row 1 (cos 0); rows 0 and 2 are duplicates of the truth.
+    row0 = math.log(math.e**1 + math.e**0) - 1
+    # Row 1: positive cos 0; negatives: rows 0 and 2 (cos 1 each); row 1 itself is removed.
+    row1 = math.log(1 + 2 * math.e)
+    assert loss_sum.item() == pytest.approx(row0 + row1, rel=1e-6)
+    assert correct.tolist() == [1.0] and masked.tolist() == [2.0]
+    # Temperature scales the logits.
+    loss_t, _, _ = sampled_softmax_loss(gen, cand, tokens, mask, tau=0.5, num_negatives=3)
+    expected = (math.log(math.e**2 + 1) - 2) + math.log(1 + 2 * math.e**2)
+    assert loss_t.item() == pytest.approx(expected, rel=1e-6)
+
+
+def _tiny(seed: int = 0) -> DGenCTR:
+    torch.manual_seed(seed)
+    return DGenCTR([20, 30, 12], DGenCTRConfig(d_model=16, layers=1, heads=2))
+
+
+def _one_pretrain_step(model: DGenCTR) -> None:
+    obj = PretrainObjective(model, PretrainConfig(num_negatives=8), seed=0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tokens = torch.randint(3, 12, (32, 3))
+    labels = (torch.rand(32) < 0.3).float()
+    loss, stats = obj(tokens, labels)
+    assert torch.isfinite(loss) and stats["masked"].sum() > 0
+    loss.backward()
+    opt.step()
+
+
+def test_full_transfer_copies_every_tensor():
+    pre = _tiny(0)
+    _one_pretrain_step(pre)
+    state = {k: v.clone() for k, v in pre.state_dict().items()}
+    fine = _tiny(1)
+    copied = transfer(state, fine, "all")
+    assert sorted(copied) == sorted(fine.state_dict())
+    for k, v in fine.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    tokens = torch.randint(3, 12, (5, 3))
+    pre.eval(), fine.eval()
+    assert torch.equal(pre(tokens), fine(tokens))
+
+
+def test_embedding_only_transfer_leaves_the_rest():
+    pre = _tiny(0)
+    _one_pretrain_step(pre)
+    fine = _tiny(1)
+    before = {k: v.clone() for k, v in fine.state_dict().items()}
+    copied = transfer(pre.state_dict(), fine, "embedding")
+    assert copied == ["embedding.table.weight"]
+    assert torch.equal(fine.embedding.table.weight, pre.embedding.table.weight)
+    for k, v in fine.state_dict().items():
+        if not k.startswith("embedding."):
+            assert torch.equal(v, before[k]), k
+    with pytest.raises(ValueError, match="transfer mode"):
+        transfer(pre.state_dict(), fine, "heads")

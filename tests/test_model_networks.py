@@ -1,0 +1,63 @@
+"""Every network scores int64 tokens [B, F] -> logits [B] and exports to ONNX with a dynamic batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.metrics import calibration, evaluate, gauc
+from model.networks import MODELS, build_model, model_config
+
+VOCAB = [10, 25, 7, 40]
+
+
+@pytest.mark.parametrize("model_type", sorted(MODELS))
+def test_forward_shape_and_batch_independence(model_type):
+    torch.manual_seed(0)
+    model = build_model(model_type, {}, VOCAB).eval()
+    tokens = torch.stack([torch.randint(0, v, (9,)) for v in VOCAB], dim=1)
+    out = model(tokens)
+    assert out.shape == (9,) and out.dtype == torch.float32
+    # A row's score does not depend on the other rows of the batch (eval mode).
+    assert torch.allclose(model(tokens[:1]), out[:1], atol=1e-5)
+
+
+def test_dgenctr_options_and_unknown_options():
+    cfg = model_config("dgenctr", {"readout": "concat", "head_hidden": 8, "generator": "mlp", "time_embedding": True, "embedding_dim": 8, "d_model": 16, "heads": 2})
+    model = build_model("dgenctr", cfg, VOCAB).eval()
+    assert model(torch.full((3, 4), 3)).shape == (3,)
+    with pytest.raises(ValueError, match="no option"):
+        model_config("dnn", {"nonsense": 1})
+    with pytest.raises(ValueError, match="unknown model"):
+        model_config("xgboost", {})
+
+
+@pytest.mark.slow
+def test_dgenctr_exports_to_onnx_with_dynamic_batch(tmp_path):
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = build_model("dgenctr", {"d_model": 16, "heads": 2, "layers": 1}, VOCAB).eval()
+    example = torch.full((2, len(VOCAB)), 3, dtype=torch.long)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.onnx.export(model, (example,), dynamo=True, input_names=["tokens"], output_names=["logits"],
+                                dynamic_shapes={"tokens": {0: batch}})
+    path = tmp_path / "m.onnx"
+    program.save(str(path))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for b in (1, 17):
+        tokens = torch.stack([torch.randint(0, v, (b,)) for v in VOCAB], dim=1)
+        got = sess.run(None, {"tokens": tokens.numpy()})[0]
+        np.testing.assert_allclose(got, model(tokens).detach().numpy(), atol=1e-5)
+
+
+def test_metrics_by_hand():
+    y = np.array([1, 0, 1, 0, 1, 1])
+    p = np.array([0.9, 0.1, 0.4, 0.6, 0.8, 0.7])
+    g = np.array(["a", "a", "b", "b", "c", "c"])  # group c has only clicks: left out of GAUC
+    m = evaluate(y, p, g)
+    assert m["auc"] == pytest.approx(7 / 8)
+    assert gauc(y, p, g) == pytest.approx((2 * 1.0 + 2 * 0.0) / 4)
+    assert calibration(y, p) == pytest.approx(np.mean(p) / np.mean(y))
+    assert m["logloss"] > 0

@@ -1,0 +1,164 @@
+"""`ctr train` end to end on small synthetic data: quality, run directory, schema, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ctr.cli import main
+
+SMALL_DGENCTR = ["--d-model", "16", "--layers", "1", "--heads", "2", "--batch-size", "256", "--pretrain-batch-size", "256",
+                 "--num-negatives", "64", "--no-progress", "--threads", "1"]
+TINY = ["--max-rows", "2000", "--max-steps-per-epoch", "4"]
+
+
+def _train(tmp: Path, data: Path, model: str, *extra: str) -> dict:
+    # One thread: on a shared 2-core machine, two OpenMP threads per step thrash on tiny tensors.
+    extra = (*extra, "--threads", "1") if "--threads" not in extra else extra
+    out = tmp / model
+    assert main(["train", "--spec", "synthetic", "--data", str(data), "--model", model, "--out", str(out), *extra]) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_dgenctr_few_hundred_steps_beats_a_constant_predictor(tmp_path, synth_dir):
+    # 2 pre-training + up to 5 fine-tuning epochs of 40 steps (batch 256): a few hundred steps.
+    metrics = _train(tmp_path, synth_dir, "dgenctr", *SMALL_DGENCTR, "--pretrain-epochs", "2", "--epochs", "5",
+                     "--max-steps-per-epoch", "40", "--lr", "3e-3")
+    bayes = json.loads((synth_dir / "meta.json").read_text())["bayes_auc"]["test"]
+    # A constant predictor has AUC 0.5; the generator's Bayes-optimal AUC is the ceiling.
+    assert metrics["test"]["auc"] > 0.62, metrics["test"]
+    assert metrics["test"]["auc"] < bayes + 0.02
+    assert 0.5 < metrics["test"]["calibration"] < 2.0
+    run = tmp_path / "dgenctr"
+    assert {p.name for p in run.iterdir()} >= {"model.safetensors", "feature_spec.json", "config.json", "metrics.json"}
+    # Per-field reconstruction accuracy is recorded for the user to inspect.
+    recon = metrics["pretrain"]["valid_reconstruction"]
+    assert "item_id" in recon and "label" in recon and 0.0 <= recon["item_id"]["accuracy"] <= 1.0
+    assert metrics["pretrain"]["transferred_tensors"] > 10
+
+
+def test_metrics_json_schema_and_run_roundtrip(tmp_path, synth_dir):
+    from model.run_io import load_run
+    from model.trainer import predict
+
+    metrics = _train(tmp_path, synth_dir, "dnn", "--epochs", "2", "--batch-size", "512", "--hidden", "64,64", "--no-progress")
+    on_disk = json.loads((tmp_path / "dnn" / "metrics.json").read_text())
+    assert on_disk["model"] == "dnn"
+    for split in ("valid", "test"):
+        assert set(on_disk[split]) == {"auc", "logloss", "gauc", "calibration"}
+        assert all(isinstance(v, float) and math.isfinite(v) for v in on_disk[split].values())
+    assert isinstance(on_disk["train_seconds"], float) and on_disk["train_seconds"] > 0
+    config = json.loads((tmp_path / "dnn" / "config.json").read_text())
+    assert config["model_type"] == "dnn" and set(config) >= {"model", "train", "data"}
+
+    run = load_run(tmp_path / "dnn")
+    assert not run.model.training and run.spec.fitted and run.config["model_type"] == "dnn"
+    test = pd.read_parquet(synth_dir / "test.parquet")
+    import torch
+    from model.metrics import auc
+
+    probs = predict(run.model, torch.from_numpy(run.spec.encode(test)))
+    assert auc(test["label"].to_numpy(), probs) == pytest.approx(metrics["test"]["auc"], abs=1e-6)
+
+
+@pytest.mark.parametrize("model", ["deepfm", "dcnv2"])
+def test_baselines_train_in_the_same_harness(tmp_path, synth_dir, model):
+    metrics = _train(tmp_path, synth_dir, model, "--epochs", "3", "--batch-size", "256", "--lr", "3e-3", "--no-progress",
+                     "--max-rows", "6000", "--hidden", "64,64")
+    assert metrics["model"] == model and metrics["valid"]["auc"] > 0.55
+
+
+def test_runs_are_reproducible_on_cpu(tmp_path, synth_dir):
+    args = ["--epochs", "1", "--batch-size", "512", "--no-progress", "--max-rows", "5000", "--seed", "3", "--hidden", "64,64"]
+    a = _train(tmp_path / "a", synth_dir, "dnn", *args)
+    b = _train(tmp_path / "b", synth_dir, "dnn", *args)
+    assert a["test"] == b["test"]
+    c = _train(tmp_path / "c", synth_dir, "dgenctr", *SMALL_DGENCTR, "--pretrain-epochs", "1", "--epochs", "1", *TINY, "--seed", "3")
+    d = _train(tmp_path / "d", synth_dir, "dgenctr", *SMALL_DGENCTR, "--pretrain-epochs", "1", "--epochs", "1", *TINY, "--seed", "3")
+    assert c["test"] == d["test"]
+
+
+def test_reused_pretrained_checkpoint_and_ablation_modes(tmp_path, synth_dir):
+    base = [*TINY, "--epochs", "1", "--pretrain-epochs", "1", *SMALL_DGENCTR]
+    first = _train(tmp_path / "full", synth_dir, "dgenctr", *base)
+    ckpt = tmp_path / "full" / "dgenctr" / "pretrained.safetensors"
+    assert ckpt.exists()
+    again = _train(tmp_path / "reuse", synth_dir, "dgenctr", *base, "--pretrained", str(ckpt))
+    assert again["test"] == first["test"]  # same stage-1 weights, same stage 2
+    emb = _train(tmp_path / "emb", synth_dir, "dgenctr", *base, "--pretrained", str(ckpt), "--pretrain-mode", "embedding")
+    assert emb["variant"] == "dgenctr-emb-only" and emb["pretrain"]["transferred_tensors"] == 1
+    scratch = _train(tmp_path / "scratch", synth_dir, "dgenctr", *base, "--pretrain-mode", "none")
+    assert scratch["variant"] == "dgenctr-scratch" and "pretrain" not in scratch
+    nolabel = _train(tmp_path / "nolabel", synth_dir, "dgenctr", *base, "--no-label-mask")
+    assert nolabel["variant"] == "dgenctr-no-label"
+    assert nolabel["pretrain"]["valid_reconstruction"]["label"]["masked"] > 0  # the report masks it anyway
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "xgboost"], "unknown model 'xgboost'"),
+        (["--data", "/no/such/dir"], "data directory not found"),
+        (["--model-opt", "bogus=1"], "no option"),
+        (["--spec", "no_such_spec"], "not found"),
+    ],
+)
+def test_bad_configs_give_one_clear_line(tmp_path, synth_dir, capsys, args, message):
+    base = {"--spec": "synthetic", "--data": str(synth_dir), "--model": "dnn", "--out": str(tmp_path / "r")}
+    extra = []
+    for i in range(0, len(args), 2):
+        if args[i] in base:
+            base[args[i]] = args[i + 1]
+        else:
+            extra += args[i : i + 2]
+    argv = ["train"] + [x for kv in base.items() for x in kv] + extra + ["--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "r" / "model.safetensors").exists()
+
+
+def test_missing_label_column_is_refused(tmp_path, synth_dir, capsys):
+    data = tmp_path / "nolabel"
+    data.mkdir()
+    for split in ("train", "valid", "test"):
+        pd.read_parquet(synth_dir / f"{split}.parquet").head(200).drop(columns=["label"]).to_parquet(data / f"{split}.parquet")
+    assert main(["train", "--spec", "synthetic", "--data", str(data), "--model", "dnn", "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "label column 'label' is not in" in capsys.readouterr().err
+
+
+def test_missing_split_is_refused(tmp_path, synth_dir, capsys):
+    data = tmp_path / "partial"
+    data.mkdir()
+    pd.read_parquet(synth_dir / "train.parquet").head(200).to_parquet(data / "train.parquet")
+    assert main(["train", "--spec", "synthetic", "--data", str(data), "--model", "dnn", "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "no 'valid' split" in capsys.readouterr().err
+
+
+def test_epoch_shards_partition_one_seeded_permutation():
+    import torch
+
+    from model.data import epoch_batches
+
+    shards = [torch.cat(epoch_batches(103, 16, seed=4, epoch=2, rank=r, world=2)) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 51  # equal step counts on every rank
+    both = torch.cat(shards)
+    assert len(set(both.tolist())) == 102  # disjoint
+    again = torch.cat(epoch_batches(103, 16, seed=4, epoch=2, rank=0, world=2))
+    assert torch.equal(again, shards[0])
+    assert not torch.equal(torch.cat(epoch_batches(103, 16, seed=4, epoch=3)), torch.cat(epoch_batches(103, 16, seed=4, epoch=2)))
+
+
+def test_streaming_parquet_encodes_like_the_in_memory_path(synth_dir, synth_spec):
+    from model.data import stream_batches
+
+    chunks = list(stream_batches(synth_spec, synth_dir / "valid.parquet", 1000))
+    assert len(chunks) == 3
+    full = synth_spec.encode(pd.read_parquet(synth_dir / "valid.parquet"))
+    np.testing.assert_array_equal(np.concatenate([c.tokens.numpy() for c in chunks]), full)
