@@ -16,7 +16,6 @@ the hardware it actually runs on, so saving BASIC loses nothing at serving time.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
@@ -353,21 +352,10 @@ def _data_fingerprint(config: dict[str, Any]) -> Any:
     d = data.get("dir")
     if not isinstance(d, str) or not Path(d).is_dir():
         return None
-    from export.package import file_sha256
-    from model.readers import DataError, split_path
+    from model.readers import data_fingerprint
 
-    files = {}
-    for split in ("train", "valid", "test"):
-        try:
-            files[split] = split_path(d, split)
-        except DataError:
-            continue
-    if not files:
-        return None
-    digests = {s: file_sha256(p) for s, p in files.items()}
-    combined = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
-    return {"sha256": combined, "files": {s: {"name": p.name, "sha256": digests[s]} for s, p in files.items()},
-            "source": "computed at export from config.json data.dir"}
+    fp = data_fingerprint(d)
+    return None if fp is None else {**fp, "source": "computed at export from config.json data.dir"}
 
 
 def _valid_source(options: ExportOptions, config: dict[str, Any]) -> Path | None:

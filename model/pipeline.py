@@ -20,6 +20,7 @@ from model.diffusion import PretrainConfig, PretrainObjective, reconstruction_re
 from model.logs import kv
 from model.networks import MODELS, build_model, model_config
 from model.readers import DataError
+from model.readers import data_fingerprint
 from model.run_io import save_run, save_weights
 from model.spec import FeatureSpec
 from model.trainer import DistContext, TrainConfig, evaluate_split, fit_supervised, init_distributed, run_fixed_epochs, seed_everything, set_threads
@@ -163,7 +164,7 @@ def train_run(cfg: RunConfig, ctx: DistContext | None = None) -> dict[str, Any]:
             "train": {**asdict(cfg.train), "seed": cfg.seed, "pretrain_mode": cfg.pretrain_mode,
                       "pretrain": asdict(cfg.pretrain) if cfg.model_type == "dgenctr" else None, "world_size": ctx.world},
             "data": {"dir": str(Path(cfg.data).resolve()), "spec": cfg.spec, "rows": {s: len(e) for s, e in splits.items()},
-                     "max_rows": cfg.max_rows},
+                     "max_rows": cfg.max_rows, "fingerprint": data_fingerprint(cfg.data)},
             "variant": cfg.variant(),
         }
         save_run(cfg.out, model.cpu(), spec, config, metrics)

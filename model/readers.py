@@ -57,3 +57,28 @@ def _looks_tab_separated(p: Path) -> bool:
     with p.open("r", encoding="utf-8", errors="replace") as fh:
         head = fh.readline()
     return head.count("\t") > head.count(",")
+
+
+def data_fingerprint(data_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> dict | None:
+    """Content hash of a data directory's split files, recorded by training and carried into
+    the model package so a served model can be traced to the exact data it learned from."""
+    import hashlib
+    import json
+
+    files: dict[str, Path] = {}
+    for split in splits:
+        try:
+            files[split] = split_path(data_dir, split)
+        except DataError:
+            continue
+    if not files:
+        return None
+    digests = {}
+    for split, path in files.items():
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        digests[split] = h.hexdigest()
+    combined = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+    return {"sha256": combined, "files": {s: {"name": p.name, "sha256": digests[s]} for s, p in files.items()}}
