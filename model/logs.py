@@ -8,12 +8,24 @@ import sys
 FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now, so a redirected or captured stderr is honoured."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D401
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     if getattr(root, "_ctr_configured", False):
         root.setLevel(level.upper())
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter(FORMAT))
     root.addHandler(handler)
     root.setLevel(level.upper())

@@ -176,7 +176,10 @@ def test_every_panel_returns_data_from_a_live_service(tmp_path, prometheus_bin, 
             rules = [r for g in groups for r in g["rules"]]
             groups_in_file = yaml.safe_load((REPO / "deploy" / "prometheus" / "rules.yml").read_text())["groups"]
             assert len(rules) == sum(len(g["rules"]) for g in groups_in_file)
-            deadline = time.monotonic() + 10
+            # A group's first evaluation can come up to one group interval after load (Prometheus
+            # staggers groups), so wait for the slowest group's interval plus a margin.
+            slowest = max((g["interval"] for g in groups), default=1.0)
+            deadline = time.monotonic() + slowest + 15
             while any(r.get("health") != "ok" for r in rules) and time.monotonic() < deadline:
                 time.sleep(0.5)
                 rules = [r for g in prom_json(prom, "/api/v1/rules")["groups"] for r in g["rules"]]
