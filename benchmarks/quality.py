@@ -140,6 +140,29 @@ def bar_chart(table: dict[str, dict[str, Any]], path: Path, title: str, referenc
     plt.close(fig)
 
 
+def summarise_dirs(dirs: list[Path], out: Path) -> int:
+    """Why: on 2 cores the benchmark is split across processes (e.g. baselines and DGenCTR
+    side by side) or stopped at a time limit; each writes results_partial.json after every run."""
+    results: list[dict[str, Any]] = []
+    for d in dirs:
+        f = d / "results_partial.json"
+        if not f.exists():
+            print(f"no results in {d}")
+            continue
+        results += json.loads(f.read_text())
+    if not results:
+        return 1
+    out.mkdir(parents=True, exist_ok=True)
+    table = summarise(results)
+    text = print_table(table, reference=True)
+    payload = {"merged_from": [str(d) for d in dirs], "table": table, "runs": results,
+               "reference": {k: {"auc": a, "logloss": b} for k, (a, b) in REFERENCE.items()}, "text": text}
+    (out / "quality.json").write_text(json.dumps(payload, indent=2))
+    bar_chart(table, out / "quality.png", "Frappe_x1 test AUC", True)
+    print(f"\nwrote {out / 'quality.json'} and {out / 'quality.png'}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=FRAPPE)
@@ -154,7 +177,12 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "quality")
     ap.add_argument("--synthetic-rows", type=int, default=0, help="instead of Frappe: synthetic data of N rows, gap to Bayes AUC")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--summarise", type=Path, nargs="+", metavar="DIR",
+                    help="train nothing: merge the finished runs of earlier (possibly parallel or cut-short) "
+                         "benchmark outputs and write the table, JSON and chart into --out")
     args = ap.parse_args()
+    if args.summarise:
+        return summarise_dirs(args.summarise, args.out)
 
     from model.logs import setup_logging
     from model.pipeline import train_run
