@@ -280,7 +280,7 @@ def main() -> None:
                 names = ["frappe_dnn_shape"]
             cfg = work / "serve.json"
             cfg.write_text(json.dumps({"batcher": {"max_batch_rows": args.max_batch_rows, "max_queue_delay_ms": args.max_queue_delay_ms, "max_queue_rows": 50_000},
-                                       "scorer": {"providers": ["CPUExecutionProvider"], "buckets": [16, 128, 256, 512, 1024]}}))
+                                       "scorer": {"providers": ["CPUExecutionProvider"]}}))
             r100 = bodies(users, items, ctx, 100, 300, seed=1)
             r10 = bodies(users, items, ctx, 10, 300, seed=2)
             for fast in (False, True):
