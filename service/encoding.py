@@ -82,16 +82,8 @@ class RequestEncoder:
             if user is None:
                 missing.add("user", 1)
             missing.add("item", sum(1 for r in items if r is None))
-        urow = user or _EMPTY
         for name in self.user_fields:
-            if name in context:
-                value = context[name]
-            elif name == self.user_id_field:
-                value = user_id
-            else:
-                value = urow.get(name)
-                if value is None and user is not None and missing is not None:
-                    missing.add("user_field", 1)
+            value = user_value(name, context, user_id, self.user_id_field, user, missing)
             cols[name] = [value] * n
         for name in self.item_fields:
             if name in context:
@@ -257,16 +249,8 @@ class FastEncoder:
             unknown = sum(1 for r in items if r is None)
             if unknown:
                 missing.add("item", unknown)
-        urow = user or _EMPTY
         for name in self.user_fields:
-            if name in context:
-                value = context[name]
-            elif name == base.user_id_field:
-                value = user_id
-            else:
-                value = urow.get(name)
-                if value is None and user is not None and missing is not None:
-                    missing.add("user_field", 1)
+            value = user_value(name, context, user_id, base.user_id_field, user, missing)
             out[:, self.pos[name]] = self._scalar(name, value)
         overridden = [f for f in item_features if f]
         for name in self.context_fields:
@@ -288,3 +272,16 @@ class FastEncoder:
             sub = base.columns(user_id, user, [items[i] for i in rows], [item_ids[i] for i in rows], [item_features[i] for i in rows], context)
             out[rows] = base.encode(sub)
         return out
+
+
+def user_value(name: str, context: Any, user_id: Any, user_id_field: str, user: Any, missing: Any) -> Any:
+    """One precedence for a user field in every encoder: request context, then the request's
+    user id, then the stored user row (a stored user lacking the field is counted)."""
+    if name in context:
+        return context[name]
+    if name == user_id_field:
+        return user_id
+    value = (user or _EMPTY).get(name)
+    if value is None and user is not None and missing is not None:
+        missing.add("user_field", 1)
+    return value
