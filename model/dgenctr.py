@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.embedding import FieldEmbedding
+from model.embedding import FieldEmbedding, mlp
 
 
 @dataclass
@@ -33,7 +33,11 @@ class DGenCTRConfig:
     # Label head input: "label" reads the label token's state only; "concat" reads every
     # token's state (label + fields), a wider view for the CTR head.
     readout: str = "concat"
-    head_hidden: int = 256  # 0: a linear label head; >0: one hidden layer of this width
+    # 0: a linear label head; n > 0: one GELU hidden layer of width n; a list: a DNN-style
+    # Linear-[BN]-ReLU tower of those widths (the baselines' head, so the encoder's features
+    # get the same downstream capacity the DNN has).
+    head_hidden: int | list[int] = 256
+    head_batch_norm: bool = False  # list heads only
     generator: str = "linear"  # G_k: "linear" or "mlp"
     time_embedding: bool = False  # off: the mask pattern already carries t
 
@@ -99,8 +103,10 @@ class DGenCTR(nn.Module):
         self.gen_w = nn.Parameter(torch.randn(n, d, e) / math.sqrt(d))
         self.gen_b = nn.Parameter(torch.zeros(n, e))
         head_in = d if cfg.readout == "label" else d * (n + 1)
-        if cfg.head_hidden > 0:
-            self.label_head: nn.Module = nn.Sequential(
+        if isinstance(cfg.head_hidden, (list, tuple)):
+            self.label_head: nn.Module = mlp([head_in, *cfg.head_hidden], cfg.dropout, cfg.head_batch_norm, out_dim=1)
+        elif cfg.head_hidden > 0:
+            self.label_head = nn.Sequential(
                 nn.Linear(head_in, cfg.head_hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.head_hidden, 1)
             )
         else:

@@ -9,6 +9,7 @@ variant, 503 + Retry-After when overloaded, degraded answers when Redis is unrea
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import os
@@ -32,6 +33,7 @@ from service.batcher import Overloaded
 from service.config import ServiceConfig, load_config, with_default_variant
 from service.encoding import Missing
 from service.features import FeatureStore, Fetched, build_store
+from service.gc_pauses import GcPauseTimer, freeze_heap
 from service.health import Lifecycle
 from service.metrics import Metrics
 from service.registry import Registry, UnknownModel
@@ -81,12 +83,18 @@ def create_app(cfg: ServiceConfig, store: FeatureStore | None = None) -> FastAPI
         executor=executor,
     )
     store_label = svc.store.kind
+    gc_timer = GcPauseTimer(metrics.gc_pause_seconds)
+    if cfg.gc_freeze:
+        svc.registry.on_swap = lambda: freeze_heap(collect=False)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        gc_timer.install()
         await svc.registry.load_all()
         if cfg.reload_poll_s > 0:
             svc.spawn(svc.registry.poll(cfg.reload_poll_s))
+        if cfg.gc_freeze:
+            freeze_heap(collect=True)
         svc.lifecycle.warmed = True
         log.info("ready %s", kv(models=svc.registry.describe(), store=store_label))
         try:
@@ -98,6 +106,9 @@ def create_app(cfg: ServiceConfig, store: FeatureStore | None = None) -> FastAPI
             await svc.registry.drain()
             await svc.store.close()
             executor.shutdown(wait=True)
+            gc_timer.uninstall()
+            if cfg.gc_freeze:
+                gc.unfreeze()  # hand the heap back to the collector (several apps share a test process)
             log.info("stopped %s", kv(store=store_label))
 
     app = FastAPI(title="ctr-serve", version="0.1.0", lifespan=lifespan, default_response_class=ORJSONResponse)

@@ -91,6 +91,9 @@ class ServiceConfig(_Strict):
     reload_poll_s: float = Field(0.0, ge=0, description="0 disables polling")
     drain_grace_s: float = Field(0.0, ge=0, description="readiness is false this long before the listener closes")
     admin_token_env: str = ADMIN_TOKEN_ENV
+    # Freeze the warmed heap out of CPython's full collections (see service/gc_pauses.py);
+    # off only to measure what it buys.
+    gc_freeze: bool = True
 
     @property
     def admin_token(self) -> str | None:

@@ -37,6 +37,10 @@ class Metrics:
         self.degraded = Counter("ctr_degraded_total", "requests served with default features", ["reason"], registry=r)
         self.reload = Counter("ctr_reload_total", "model version loads", ["variant", "result"], registry=r)
         self.prediction = Histogram("ctr_prediction", "predicted probabilities", ["variant"], buckets=_PROB, registry=r)
+        self.gc_pause_seconds = Histogram(
+            "ctr_gc_pause_seconds", "CPython garbage-collection pauses by generation (they stall every request in flight)",
+            ["generation"], buckets=_LAT, registry=r,
+        )
         self.model_info = Gauge("ctr_model_info", "the model version serving each variant", ["name", "version", "variant", "provider"], registry=r)
 
     def render(self) -> bytes:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +62,7 @@ class Registry:
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _failed: set[tuple[str, int]] = field(default_factory=set)
     _retiring: set[asyncio.Task] = field(default_factory=set)
+    on_swap: Callable[[], None] | None = None  # runs after a new version is swapped in
 
     def variant_configs(self) -> list[VariantConfig]:
         out = list(self.cfg.variants)
@@ -142,6 +143,8 @@ class Registry:
                 task = asyncio.get_running_loop().create_task(old.batcher.drain())
                 self._retiring.add(task)
                 task.add_done_callback(self._retiring.discard)
+            if self.on_swap is not None and not initial:
+                self.on_swap()
             log.info("model_loaded %s", kv(variant=vc.name, model=new.name, version=new.version, provider=new.scorer.provider))
             return {"variant": vc.name, "model": new.name, "version": new.version, "result": "ok", "provider": new.scorer.provider}
 

@@ -243,3 +243,36 @@ def test_sigterm_drains_without_dropping_accepted_requests(repo, synth_dir, tmp_
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_warmed_heap_is_frozen_and_gc_pauses_are_measured(repo, synth_dir, synth_spec, monkeypatch):
+    """After warm-up the heap sits in the permanent generation (full collections skip it),
+    a hot swap freezes the new version's objects too, collections are timed into
+    ctr_gc_pause_seconds, and shutdown hands the heap back to the collector."""
+    import gc
+
+    monkeypatch.setenv("CTR_ADMIN_TOKEN", "tok")
+    gc.unfreeze()
+    cfg = config(repo[0], synth_dir)
+    with ServerThread(create_app(cfg)) as srv:
+        frozen = gc.get_freeze_count()
+        assert frozen > 10_000
+        tiny_package(repo[0], "synth", 2, synth_spec, seed=2)
+        r = httpx.post(srv.url + "/admin/reload", headers={"Authorization": "Bearer tok"}, timeout=60)
+        assert r.status_code == 200 and r.json()["results"][0]["result"] == "ok"
+        assert gc.get_freeze_count() > frozen
+        gc.collect()
+        text = httpx.get(srv.url + "/metrics").text
+        assert metric_value(text, "ctr_gc_pause_seconds_count", generation="2") >= 1
+        assert httpx.post(srv.url + "/score", json=request_body(synth_dir, 3)).status_code == 200
+    assert gc.get_freeze_count() == 0
+
+
+def test_gc_freeze_can_be_turned_off(repo, synth_dir):
+    import gc
+
+    gc.unfreeze()
+    cfg = config(repo[0], synth_dir).model_copy(update={"gc_freeze": False})
+    with ServerThread(create_app(cfg)) as srv:
+        assert gc.get_freeze_count() == 0
+        assert httpx.get(srv.url + "/readyz").status_code == 200
