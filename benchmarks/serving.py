@@ -147,23 +147,26 @@ async def open_loop(port: int, reqs: list[bytes], rate: float, duration: float, 
     return _summary(lat, codes, elapsed)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc), so a phase can report what the
-    server itself burned per request, apart from the load generator sharing its cores."""
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds of a process, or of one of its threads (Linux /proc), so a phase
+    can report what the server itself burned per request, apart from the load generator."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return float("nan")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measured(pid: int, phase) -> dict:
-    """Run one load phase and add the server's and the load generator's CPU per request."""
-    s0, g0 = cpu_seconds(pid), time.process_time()
+    """Run one load phase and add CPU per request: the whole server, its event-loop thread (the
+    main thread: HTTP, parsing, features, encoding, batching) and the load generator."""
+    s0, l0, g0 = cpu_seconds(pid), cpu_seconds(pid, pid), time.process_time()
     s = asyncio.run(phase)
-    s1, g1 = cpu_seconds(pid), time.process_time()
+    s1, l1, g1 = cpu_seconds(pid), cpu_seconds(pid, pid), time.process_time()
     n = max(1, s["requests"])
     s["server_cpu_ms_per_req"] = (s1 - s0) / n * 1000
+    s["event_loop_cpu_ms_per_req"] = (l1 - l0) / n * 1000
     s["loadgen_cpu_ms_per_req"] = (g1 - g0) / n * 1000
     return s
 
@@ -281,6 +284,8 @@ def main() -> None:
     ap.add_argument("--max-queue-delay-ms", type=float, default=2.0)
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--overhead-only", action="store_true", help="only the in-process CPU cost per request")
+    ap.add_argument("--switch-interval-ms", type=float, default=0.0, help="server's gil_switch_interval_ms (0: the service default)")
+    ap.add_argument("--compare-gc", action="store_true", help="also run (d) batched with gc_freeze off, side by side")
     args = ap.parse_args()
 
     from model.logs import setup_logging
@@ -299,9 +304,13 @@ def main() -> None:
                 dnn_onnx(spec, work / "dnn.onnx")
                 publish(repo, "frappe_dnn_shape", 1, spec, work / "dnn.onnx", "dnn_shape_random")
                 names = ["frappe_dnn_shape"]
-            cfg = work / "serve.json"
-            cfg.write_text(json.dumps({"batcher": {"max_batch_rows": args.max_batch_rows, "max_queue_delay_ms": args.max_queue_delay_ms, "max_queue_rows": 50_000},
-                                       "scorer": {"providers": ["CPUExecutionProvider"]}}))
+            cfg, cfg_nogc = work / "serve.json", work / "serve-nogc.json"
+            serve_cfg = {"batcher": {"max_batch_rows": args.max_batch_rows, "max_queue_delay_ms": args.max_queue_delay_ms, "max_queue_rows": 50_000},
+                         "scorer": {"providers": ["CPUExecutionProvider"]}}
+            if args.switch_interval_ms:
+                serve_cfg["gil_switch_interval_ms"] = args.switch_interval_ms
+            cfg.write_text(json.dumps(serve_cfg))
+            cfg_nogc.write_text(json.dumps({**serve_cfg, "gc_freeze": False}))
             r100 = bodies(users, items, ctx, 100, 300, seed=1)
             r10 = bodies(users, items, ctx, 10, 300, seed=2)
             for fast in (False, True):
@@ -330,13 +339,27 @@ def main() -> None:
                             s["rows_per_server_cpu_s"] = n_items / s["server_cpu_ms_per_req"] * 1000
                             res[f"{tag}_sat_{n_items}"] = s
                             print(f"{tag:9s} saturation {n_items:3d} cand: {s['rows_per_s']:>10,.0f} rows/s  p50 {s['p50_ms']:.1f} ms  p99 {s['p99_ms']:.1f} ms  non-200 {s['non_200']}"
-                                  f"  | CPU/req: server {s['server_cpu_ms_per_req']:.2f} ms, load generator {s['loadgen_cpu_ms_per_req']:.2f} ms"
+                                  f"  | CPU/req: server {s['server_cpu_ms_per_req']:.2f} ms (event loop {s['event_loop_cpu_ms_per_req']:.2f}),"
+                                  f" load generator {s['loadgen_cpu_ms_per_req']:.2f} ms"
                                   f"  -> {s['rows_per_server_cpu_s']:,.0f} rows per server CPU-second", flush=True)
                         sat = res["batched_sat_100"]["req_per_s"] if not batching else s_sat if (s_sat := res[f"{tag}_sat_100"]["req_per_s"]) else 1
                         for frac in (0.5, 0.1):
                             s = measured(proc.pid, open_loop(port, r100, sat * frac, args.duration))
                             res[f"{tag}_load{int(frac * 100)}_100"] = s
                             print(f"{tag:9s} {int(frac * 100):3d}% load ({sat * frac:,.0f} req/s, 100 cand): p50 {s['p50_ms']:.1f} ms  p99 {s['p99_ms']:.1f} ms  non-200 {s['non_200']}", flush=True)
+                    finally:
+                        stop_server(proc)
+                if args.compare_gc:
+                    # The batched service again with the heap left to the collector, at the same
+                    # 50%-load rate: what gc.freeze buys in the tail, measured side by side.
+                    port = free_port()
+                    proc = start_server(repo, name, args.redis, prefix, port, True, args.threads, cfg_nogc)
+                    try:
+                        asyncio.run(closed_loop(port, r100, args.conns, 1.0))
+                        rate = res["batched_sat_100"]["req_per_s"] * 0.5
+                        s = measured(proc.pid, open_loop(port, r100, rate, args.duration))
+                        res["batched_load50_100_gc_unfrozen"] = s
+                        print(f"batched    50% load, gc_freeze off ({rate:,.0f} req/s, 100 cand): p50 {s['p50_ms']:.1f} ms  p99 {s['p99_ms']:.1f} ms  non-200 {s['non_200']}", flush=True)
                     finally:
                         stop_server(proc)
                 ceiling = max(res["raw_ort_rows_per_s"].values())

@@ -27,7 +27,7 @@ class DGenCTRConfig:
     layers: int = 2
     heads: int = 4
     ffn_mult: int = 4
-    dropout: float = 0.1
+    dropout: float = 0.0  # 0.1 slowed fine-tuning on Frappe by ~0.02 valid AUC at equal epochs (docs/results.md)
     attn_dropout: float = 0.0
     embedding_dim: int = 0  # 0: same as d_model; otherwise projected to d_model
     # Label head input: "label" reads the label token's state only; "concat" reads every

@@ -70,6 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--tau", type=float, default=0.1, help="temperature of the cosine sampled softmax")
     d.add_argument("--num-negatives", type=int, default=512, help="in-batch candidates per masked field")
     d.add_argument("--no-label-mask", action="store_true", help="never mask the label in pre-training (ablation)")
+    d.add_argument("--label-weight", type=float, default=1.0,
+                   help="weight of a masked label's cross-entropy against one field's reconstruction loss")
     d.add_argument("--pretrained", default=None, help="reuse a stage-1 checkpoint (RUN_DIR/pretrained.safetensors)")
     p.set_defaults(handler=_train)
 
@@ -97,7 +99,7 @@ def build_run_config(args: argparse.Namespace):  # -> model.pipeline.RunConfig
     )
     pre = PretrainConfig(
         epochs=args.pretrain_epochs, batch_size=args.pretrain_batch_size, lr=args.pretrain_lr, schedule=args.schedule,
-        tau=args.tau, num_negatives=args.num_negatives, mask_label=not args.no_label_mask,
+        tau=args.tau, num_negatives=args.num_negatives, mask_label=not args.no_label_mask, label_weight=args.label_weight,
     )
     return RunConfig(
         model_type=args.model, spec=args.spec, data=args.data, out=args.out, seed=args.seed, model=overrides,

@@ -13,6 +13,7 @@ import gc
 import hmac
 import logging
 import os
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -90,6 +91,8 @@ def create_app(cfg: ServiceConfig, store: FeatureStore | None = None) -> FastAPI
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         gc_timer.install()
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(cfg.gil_switch_interval_ms / 1000.0)
         await svc.registry.load_all()
         if cfg.reload_poll_s > 0:
             svc.spawn(svc.registry.poll(cfg.reload_poll_s))
@@ -107,6 +110,7 @@ def create_app(cfg: ServiceConfig, store: FeatureStore | None = None) -> FastAPI
             await svc.store.close()
             executor.shutdown(wait=True)
             gc_timer.uninstall()
+            sys.setswitchinterval(switch_interval)
             if cfg.gc_freeze:
                 gc.unfreeze()  # hand the heap back to the collector (several apps share a test process)
             log.info("stopped %s", kv(store=store_label))

@@ -87,7 +87,7 @@ def test_probes_drain_and_resources(variant):
     assert pod["terminationGracePeriodSeconds"] >= 2 * needed
     res = c["resources"]
     assert res["requests"]["cpu"] == res["limits"]["cpu"] and res["requests"]["memory"] == res["limits"]["memory"]
-    assert int(res["limits"]["cpu"]) == cfg["scorer"]["intra_op_threads"], "one onnxruntime thread per reserved core"
+    assert int(res["limits"]["cpu"]) == cfg["scorer"]["intra_op_threads"] + 1, "one onnxruntime thread per reserved core but the event loop's"
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     ann = dep["spec"]["template"]["metadata"]["annotations"]

@@ -276,3 +276,12 @@ def test_gc_freeze_can_be_turned_off(repo, synth_dir):
     with ServerThread(create_app(cfg)) as srv:
         assert gc.get_freeze_count() == 0
         assert httpx.get(srv.url + "/readyz").status_code == 200
+
+
+def test_gil_switch_interval_is_set_while_serving_and_restored(repo, synth_dir):
+    before = sys.getswitchinterval()
+    cfg = config(repo[0], synth_dir).model_copy(update={"gil_switch_interval_ms": 0.5})
+    with ServerThread(create_app(cfg)) as srv:
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        assert httpx.post(srv.url + "/score", json=request_body(synth_dir, 3)).status_code == 200
+    assert sys.getswitchinterval() == before
