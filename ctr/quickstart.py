@@ -231,7 +231,10 @@ def serve(wd: Workdir, args: argparse.Namespace, body: dict[str, Any], scores: d
     log.info("step %s", _kv(step=f"4/{len(STEPS)}", name="serve", cmd=" ".join(["ctr", *cmd[3:]])))
     child = subprocess.Popen(cmd)
 
+    stopping: list[int] = []  # a signal we passed on: the child's exit is then expected
+
     def forward(sig: int, _frame: Any) -> None:
+        stopping.append(sig)
         if child.poll() is None:
             child.send_signal(sig)
 
@@ -242,6 +245,9 @@ def serve(wd: Workdir, args: argparse.Namespace, body: dict[str, Any], scores: d
         deadline = time.monotonic() + args.ready_timeout_s
         while _get(ready_url) != 200:
             if child.poll() is not None:
+                if stopping:  # stopped before our own probe saw it ready (a caller may probe faster)
+                    log.info("serve_stopped %s", _kv(code=child.returncode, signal=stopping[0]))
+                    return child.returncode
                 log.error("serve_exited %s", _kv(code=child.returncode))
                 return child.returncode or 1
             if time.monotonic() > deadline:
