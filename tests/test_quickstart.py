@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -58,16 +59,24 @@ def test_serve_answers_then_drains_on_sigterm(built):
         _quickstart("--workdir", str(wd), "--port", str(port), "--reuse", *TINY),
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+    # Read both pipes as they fill: the test waits for the printed curl (quickstart's own
+    # "ready"), not only for the service's /readyz, which a direct probe can see first.
+    out: dict[str, list[str]] = {"stdout": [], "stderr": []}
+    readers = [threading.Thread(target=lambda k=k, f=f: out[k].extend(iter(f.readline, "")), daemon=True)
+               for k, f in (("stdout", proc.stdout), ("stderr", proc.stderr))]
+    for t in readers:
+        t.start()
     try:
         deadline = time.monotonic() + 240
         ready = False
         while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                ready = False
-            if ready:
-                break
+            if any("curl -s http://localhost:" in line for line in list(out["stdout"])):
+                try:
+                    ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+                except httpx.HTTPError:
+                    ready = False
+                if ready:
+                    break
             time.sleep(0.3)
         assert ready, "quickstart never became ready"
         r = httpx.post(f"http://127.0.0.1:{port}/score", json=summary["example_request"], timeout=10)
@@ -75,11 +84,14 @@ def test_serve_answers_then_drains_on_sigterm(built):
         scores = r.json()["scores"]
         assert len(scores) == len(summary["example_request"]["items"]) and all(0.0 < s < 1.0 for s in scores)
         proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+            proc.wait()
+        for t in readers:
+            t.join(timeout=10)
+    stdout, stderr = "".join(out["stdout"]), "".join(out["stderr"])
     assert proc.returncode == 0, stderr[-3000:]
     assert "curl -s http://localhost:" in stdout and summary["example_request"]["user_id"] in stdout
     assert "reuse step=train" in stderr  # a re-run says what it did not rebuild
