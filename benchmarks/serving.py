@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +212,26 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
+@contextlib.contextmanager
+def serving(repo: Path, model: str, redis_url: str, prefix: str, batching: bool, threads: int, config: Path) -> Iterator[tuple[subprocess.Popen, int]]:
+    """One `ctr serve` subprocess on a free loopback port for the length of a phase group."""
+    from service.testing import free_port
+
+    port = free_port()
+    proc = start_server(repo, model, redis_url, prefix, port, batching, threads, config)
+    try:
+        yield proc, port
+    finally:
+        stop_server(proc)
+
+
+def open_loop_phase(proc: subprocess.Popen, port: int, reqs: list[bytes], rate: float, duration: float, label: str) -> dict:
+    """Latency at a fixed offered rate (open loop), with the server's CPU over the same window."""
+    s = measured(proc.pid, open_loop(port, reqs, rate, duration))
+    print(f"{label} ({rate:,.0f} req/s, 100 cand): p50 {s['p50_ms']:.1f} ms  p99 {s['p99_ms']:.1f} ms  non-200 {s['non_200']}", flush=True)
+    return s
+
+
 # ---------------------------------------------------------------- in-process measurements
 def raw_ort(onnx_path: Path, spec, threads: int, sizes: list[int], seconds: float) -> dict[int, float]:
     from service.scorer import Scorer
@@ -289,7 +311,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from model.logs import setup_logging
-    from service.testing import dnn_onnx, free_port, publish
+    from service.testing import dnn_onnx, publish
 
     setup_logging("WARNING")
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
@@ -328,10 +350,8 @@ def main() -> None:
                 res["raw_ort_rows_per_s"] = raw_ort(repo / name / str(version) / "model.onnx", spec, args.threads, [10, 100, 256, 512, 1024], min(args.duration, 2.0))
                 print(f"\n== {name} v{version}\n(a) raw onnxruntime rows/s: " + ", ".join(f"b{b}={v:,.0f}" for b, v in res["raw_ort_rows_per_s"].items()), flush=True)
                 for batching in (True, False):
-                    port = free_port()
-                    proc = start_server(repo, name, args.redis, prefix, port, batching, args.threads, cfg)
-                    try:
-                        tag = "batched" if batching else "unbatched"
+                    tag = "batched" if batching else "unbatched"
+                    with serving(repo, name, args.redis, prefix, batching, args.threads, cfg) as (proc, port):
                         for n_items, reqs in ((100, r100), (10, r10)):
                             asyncio.run(closed_loop(port, reqs, args.conns, 1.0))  # warm connections and caches
                             s = measured(proc.pid, closed_loop(port, reqs, args.conns, args.duration))
@@ -342,26 +362,19 @@ def main() -> None:
                                   f"  | CPU/req: server {s['server_cpu_ms_per_req']:.2f} ms (event loop {s['event_loop_cpu_ms_per_req']:.2f}),"
                                   f" load generator {s['loadgen_cpu_ms_per_req']:.2f} ms"
                                   f"  -> {s['rows_per_server_cpu_s']:,.0f} rows per server CPU-second", flush=True)
-                        sat = res["batched_sat_100"]["req_per_s"] if not batching else s_sat if (s_sat := res[f"{tag}_sat_100"]["req_per_s"]) else 1
+                        # Both modes are offered the same rates (fractions of the batched saturation,
+                        # measured first), so their latencies compare at equal load.
+                        sat = res["batched_sat_100"]["req_per_s"] or 1.0
                         for frac in (0.5, 0.1):
-                            s = measured(proc.pid, open_loop(port, r100, sat * frac, args.duration))
-                            res[f"{tag}_load{int(frac * 100)}_100"] = s
-                            print(f"{tag:9s} {int(frac * 100):3d}% load ({sat * frac:,.0f} req/s, 100 cand): p50 {s['p50_ms']:.1f} ms  p99 {s['p99_ms']:.1f} ms  non-200 {s['non_200']}", flush=True)
-                    finally:
-                        stop_server(proc)
+                            res[f"{tag}_load{int(frac * 100)}_100"] = open_loop_phase(
+                                proc, port, r100, sat * frac, args.duration, f"{tag:9s} {int(frac * 100):3d}% load")
                 if args.compare_gc:
                     # The batched service again with the heap left to the collector, at the same
                     # 50%-load rate: what gc.freeze buys in the tail, measured side by side.
-                    port = free_port()
-                    proc = start_server(repo, name, args.redis, prefix, port, True, args.threads, cfg_nogc)
-                    try:
+                    with serving(repo, name, args.redis, prefix, True, args.threads, cfg_nogc) as (proc, port):
                         asyncio.run(closed_loop(port, r100, args.conns, 1.0))
-                        rate = res["batched_sat_100"]["req_per_s"] * 0.5
-                        s = measured(proc.pid, open_loop(port, r100, rate, args.duration))
-                        res["batched_load50_100_gc_unfrozen"] = s
-                        print(f"batched    50% load, gc_freeze off ({rate:,.0f} req/s, 100 cand): p50 {s['p50_ms']:.1f} ms  p99 {s['p99_ms']:.1f} ms  non-200 {s['non_200']}", flush=True)
-                    finally:
-                        stop_server(proc)
+                        res["batched_load50_100_gc_unfrozen"] = open_loop_phase(
+                            proc, port, r100, res["batched_sat_100"]["req_per_s"] * 0.5, args.duration, "batched    50% load, gc_freeze off")
                 ceiling = max(res["raw_ort_rows_per_s"].values())
                 res["ratio_b_to_a"] = res["batched_sat_100"]["rows_per_s"] / ceiling
                 res["ratio_batched_to_unbatched_10"] = res["batched_sat_10"]["rows_per_s"] / res["unbatched_sat_10"]["rows_per_s"]
