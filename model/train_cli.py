@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = p.add_argument_group("dgenctr stage 1 (masked diffusion pre-training)")
     d.add_argument("--pretrain-mode", choices=["full", "embedding", "none"], default="full",
                    help="full: transfer every tensor; embedding: embedding table only; none: no pre-training")
-    d.add_argument("--pretrain-epochs", type=int, default=2)
+    d.add_argument("--pretrain-epochs", type=int, default=None, help="default: PretrainConfig.epochs (10)")
     d.add_argument("--pretrain-batch-size", type=int, default=2048)
     d.add_argument("--pretrain-lr", type=float, default=3e-3)
     d.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="mask probability lambda(t)")
@@ -97,8 +97,9 @@ def build_run_config(args: argparse.Namespace):  # -> model.pipeline.RunConfig
         embedding_l2=args.embedding_l2, patience=args.patience, lr_patience=args.lr_patience,
         max_steps_per_epoch=args.max_steps_per_epoch, seed=args.seed, progress=not args.no_progress,
     )
+    stage1 = {"epochs": args.pretrain_epochs} if args.pretrain_epochs is not None else {}
     pre = PretrainConfig(
-        epochs=args.pretrain_epochs, batch_size=args.pretrain_batch_size, lr=args.pretrain_lr, schedule=args.schedule,
+        **stage1, batch_size=args.pretrain_batch_size, lr=args.pretrain_lr, schedule=args.schedule,
         tau=args.tau, num_negatives=args.num_negatives, mask_label=not args.no_label_mask, label_weight=args.label_weight,
     )
     return RunConfig(
