@@ -70,3 +70,17 @@ def test_spec_code_imports_without_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
+
+
+def test_train_stage1_epochs_come_from_the_config_default():
+    """One number for the stage-1 length: `ctr train` reads PretrainConfig's default instead of
+    keeping its own copy, so changing the measured best (docs/results.md) changes both."""
+    from ctr.cli import build_parser
+    from model.diffusion import PretrainConfig
+    from model.train_cli import build_run_config
+
+    base = ["train", "--spec", "synthetic", "--data", "d", "--model", "dgenctr", "--out", "o"]
+    default = build_run_config(build_parser().parse_args(base))
+    assert default.pretrain.epochs == PretrainConfig().epochs == 10
+    chosen = build_run_config(build_parser().parse_args([*base, "--pretrain-epochs", "3"]))
+    assert chosen.pretrain.epochs == 3
