@@ -37,15 +37,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--seed", type=int, default=2024)
 
-    t = p.add_argument_group("training (stage 2 for dgenctr)")
-    t.add_argument("--epochs", type=int, default=30, help="max epochs; early stopping usually ends sooner")
+    t = p.add_argument_group("training (stage 2 for dgenctr)", "a flag left out takes TrainConfig's default (model/trainer.py)")
+    t.add_argument("--epochs", type=int, default=None, help="max epochs; early stopping usually ends sooner")
     t.add_argument("--batch-size", type=int, default=None, help="default 1024 for dgenctr, 4096 for the baselines")
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--embedding-l2", type=float, default=0.0, help="FuxiCTR embedding_regularizer: + L2/2 * ||E||^2 each step (e.g. 0.05)")
-    t.add_argument("--patience", type=int, default=2, help="epochs without a valid-AUC gain before stopping")
-    t.add_argument("--lr-patience", type=int, default=0, help="extra epochs without a gain before the LR is divided by 10")
-    t.add_argument("--max-steps-per-epoch", type=int, default=0, help="cap steps per epoch (smoke runs); 0 = all")
+    t.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    t.add_argument("--weight-decay", type=float, default=None)
+    t.add_argument("--embedding-l2", type=float, default=None, help="FuxiCTR embedding_regularizer: + L2/2 * ||E||^2 each step (e.g. 0.05)")
+    t.add_argument("--patience", type=int, default=None, help="epochs without a valid-AUC gain before stopping")
+    t.add_argument("--lr-patience", type=int, default=None, help="extra epochs without a gain before the LR is divided by 10")
+    t.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke runs); 0 = all")
     t.add_argument("--max-rows", type=int, default=None, help="use only the first N rows of each split")
     t.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / processes)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -60,20 +60,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--model-opt", action="append", type=_kv_option, default=[], metavar="KEY=VALUE",
                    help="any other field of the model's config dataclass (repeatable), e.g. readout=concat")
 
-    d = p.add_argument_group("dgenctr stage 1 (masked diffusion pre-training)")
+    d = p.add_argument_group("dgenctr stage 1 (masked diffusion pre-training)", "a flag left out takes PretrainConfig's default (model/diffusion.py)")
     d.add_argument("--pretrain-mode", choices=["full", "embedding", "none"], default="full",
                    help="full: transfer every tensor; embedding: embedding table only; none: no pre-training")
-    d.add_argument("--pretrain-epochs", type=int, default=None, help="default: PretrainConfig.epochs (10)")
-    d.add_argument("--pretrain-batch-size", type=int, default=2048)
-    d.add_argument("--pretrain-lr", type=float, default=3e-3)
-    d.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="mask probability lambda(t)")
-    d.add_argument("--tau", type=float, default=0.1, help="temperature of the cosine sampled softmax")
-    d.add_argument("--num-negatives", type=int, default=512, help="in-batch candidates per masked field")
+    d.add_argument("--pretrain-epochs", type=int, default=None)
+    d.add_argument("--pretrain-batch-size", type=int, default=None)
+    d.add_argument("--pretrain-lr", type=float, default=None, help="AdamW learning rate")
+    d.add_argument("--schedule", choices=["linear", "cosine"], default=None, help="mask probability lambda(t)")
+    d.add_argument("--tau", type=float, default=None, help="temperature of the cosine sampled softmax")
+    d.add_argument("--num-negatives", type=int, default=None, help="in-batch candidates per masked field")
     d.add_argument("--no-label-mask", action="store_true", help="never mask the label in pre-training (ablation)")
-    d.add_argument("--label-weight", type=float, default=1.0,
+    d.add_argument("--label-weight", type=float, default=None,
                    help="weight of a masked label's cross-entropy against one field's reconstruction loss")
     d.add_argument("--pretrained", default=None, help="reuse a stage-1 checkpoint (RUN_DIR/pretrained.safetensors)")
     p.set_defaults(handler=_train)
+
+
+def _given(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
+    """{config field: value} for the flags the user set. A flag left out (None) is not passed,
+    so each default lives once, in its config dataclass, and the CLI cannot drift from it."""
+    return {field: getattr(args, flag) for flag, field in flags.items() if getattr(args, flag) is not None}
 
 
 def build_run_config(args: argparse.Namespace):  # -> model.pipeline.RunConfig
@@ -82,25 +88,20 @@ def build_run_config(args: argparse.Namespace):  # -> model.pipeline.RunConfig
     from model.trainer import TrainConfig
 
     overrides: dict[str, Any] = dict(args.model_opt)
-    if args.embedding_dim is not None:
-        overrides["embedding_dim"] = args.embedding_dim
     if args.hidden is not None:
         overrides["hidden"] = [int(x) for x in str(args.hidden).split(",") if x.strip()]
-    if args.dropout is not None:
-        overrides["dropout"] = args.dropout
-    for flag, key in (("d_model", "d_model"), ("layers", "layers"), ("heads", "heads")):
-        if getattr(args, flag) is not None:
-            overrides[key] = getattr(args, flag)
+    overrides.update(_given(args, {"embedding_dim": "embedding_dim", "dropout": "dropout", "d_model": "d_model",
+                                   "layers": "layers", "heads": "heads"}))
     batch_size = args.batch_size or (1024 if args.model == "dgenctr" else 4096)
     train = TrainConfig(
-        epochs=args.epochs, batch_size=batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        embedding_l2=args.embedding_l2, patience=args.patience, lr_patience=args.lr_patience,
-        max_steps_per_epoch=args.max_steps_per_epoch, seed=args.seed, progress=not args.no_progress,
+        **_given(args, {"epochs": "epochs", "lr": "lr", "weight_decay": "weight_decay", "embedding_l2": "embedding_l2",
+                        "patience": "patience", "lr_patience": "lr_patience", "max_steps_per_epoch": "max_steps_per_epoch"}),
+        batch_size=batch_size, seed=args.seed, progress=not args.no_progress,
     )
-    stage1 = {"epochs": args.pretrain_epochs} if args.pretrain_epochs is not None else {}
     pre = PretrainConfig(
-        **stage1, batch_size=args.pretrain_batch_size, lr=args.pretrain_lr, schedule=args.schedule,
-        tau=args.tau, num_negatives=args.num_negatives, mask_label=not args.no_label_mask, label_weight=args.label_weight,
+        **_given(args, {"pretrain_epochs": "epochs", "pretrain_batch_size": "batch_size", "pretrain_lr": "lr",
+                        "schedule": "schedule", "tau": "tau", "num_negatives": "num_negatives", "label_weight": "label_weight"}),
+        mask_label=not args.no_label_mask,
     )
     return RunConfig(
         model_type=args.model, spec=args.spec, data=args.data, out=args.out, seed=args.seed, model=overrides,

@@ -72,15 +72,22 @@ def test_spec_code_imports_without_torch():
     assert out.returncode == 0, out.stderr
 
 
-def test_train_stage1_epochs_come_from_the_config_default():
-    """One number for the stage-1 length: `ctr train` reads PretrainConfig's default instead of
-    keeping its own copy, so changing the measured best (docs/results.md) changes both."""
+def test_train_flags_left_out_take_the_config_defaults():
+    """One number per setting: `ctr train` passes only the flags a user set, so TrainConfig and
+    PretrainConfig hold each default once (the stage-1 length moved from 2 to 10 there alone)."""
+    from dataclasses import replace
+
     from ctr.cli import build_parser
     from model.diffusion import PretrainConfig
     from model.train_cli import build_run_config
+    from model.trainer import TrainConfig
 
     base = ["train", "--spec", "synthetic", "--data", "d", "--model", "dgenctr", "--out", "o"]
     default = build_run_config(build_parser().parse_args(base))
-    assert default.pretrain.epochs == PretrainConfig().epochs == 10
-    chosen = build_run_config(build_parser().parse_args([*base, "--pretrain-epochs", "3"]))
-    assert chosen.pretrain.epochs == 3
+    assert default.pretrain == PretrainConfig() and default.pretrain.epochs == 10
+    assert default.train == replace(TrainConfig(), batch_size=1024)  # dgenctr's batch; the rest as configured
+    assert default.model == {}
+    chosen = build_run_config(build_parser().parse_args([*base, "--pretrain-epochs", "3", "--tau", "0.2", "--lr", "0.01",
+                                                         "--patience", "0", "--dropout", "0.1", "--d-model", "16"]))
+    assert (chosen.pretrain.epochs, chosen.pretrain.tau, chosen.train.lr, chosen.train.patience) == (3, 0.2, 0.01, 0)
+    assert chosen.model == {"dropout": 0.1, "d_model": 16}
