@@ -9,6 +9,7 @@ that the synthetic generator reports.
   python benchmarks/quality.py                                     # full: 7 variants x 3 seeds
   python benchmarks/quality.py --seeds 1 --models dnn,dgenctr --max-epochs 5
   python benchmarks/quality.py --synthetic-rows 200000 --models dnn,dgenctr
+  python benchmarks/quality.py --synthetic-rows 200000 --synthetic-users 500 --synthetic-items 200 --models dnn,dgenctr
 
 The two DGenCTR variants that share stage 1 (full transfer and embedding-only transfer)
 share one pre-training per seed; its time is counted in both.
@@ -178,6 +179,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "quality")
     ap.add_argument("--synthetic-rows", type=int, default=0, help="instead of Frappe: synthetic data of N rows, gap to Bayes AUC")
+    ap.add_argument("--synthetic-users", type=int, default=0,
+                    help="users in the synthetic data (0: the generator's default); fewer users means more impressions to learn each one from")
+    ap.add_argument("--synthetic-items", type=int, default=0, help="items in the synthetic data (0: the generator's default)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--summarise", type=Path, nargs="+", metavar="DIR",
                     help="train nothing: merge the finished runs of earlier (possibly parallel or cut-short) "
@@ -203,9 +207,12 @@ def main() -> int:
     if args.synthetic_rows:
         from model.synth import SynthConfig, synthesize
 
-        data = args.out / f"synthetic_{args.synthetic_rows}"
+        sizes = {k: v for k, v in {"users": args.synthetic_users, "items": args.synthetic_items}.items() if v}
+        cfg = SynthConfig(seed=7, rows=args.synthetic_rows, **sizes)
+        sized = "".join(f"_{k[0]}{v}" for k, v in sizes.items())
+        data = args.out / f"synthetic_{args.synthetic_rows}{sized}"
         if not (data / "meta.json").exists():
-            synthesize(SynthConfig(seed=7, rows=args.synthetic_rows), data)
+            synthesize(cfg, data)
         bayes = json.loads((data / "meta.json").read_text())["bayes_auc"]["test"]
         args.data, args.spec = data, "synthetic"
     if not Path(args.data).is_dir():

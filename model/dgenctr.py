@@ -38,6 +38,9 @@ class DGenCTRConfig:
     # get the same downstream capacity the DNN has).
     head_hidden: int | list[int] = 256
     head_batch_norm: bool = False  # list heads only
+    # The head can be regularised apart from the encoder: dropout in the encoder slows
+    # fine-tuning (see `dropout`), while the DNN's tower relies on it. None: same as `dropout`.
+    head_dropout: float | None = None
     generator: str = "linear"  # G_k: "linear" or "mlp"
     time_embedding: bool = False  # off: the mask pattern already carries t
 
@@ -103,11 +106,12 @@ class DGenCTR(nn.Module):
         self.gen_w = nn.Parameter(torch.randn(n, d, e) / math.sqrt(d))
         self.gen_b = nn.Parameter(torch.zeros(n, e))
         head_in = d if cfg.readout == "label" else d * (n + 1)
+        head_dropout = cfg.dropout if cfg.head_dropout is None else cfg.head_dropout
         if isinstance(cfg.head_hidden, (list, tuple)):
-            self.label_head: nn.Module = mlp([head_in, *cfg.head_hidden], cfg.dropout, cfg.head_batch_norm, out_dim=1)
+            self.label_head: nn.Module = mlp([head_in, *cfg.head_hidden], head_dropout, cfg.head_batch_norm, out_dim=1)
         elif cfg.head_hidden > 0:
             self.label_head = nn.Sequential(
-                nn.Linear(head_in, cfg.head_hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.head_hidden, 1)
+                nn.Linear(head_in, cfg.head_hidden), nn.GELU(), nn.Dropout(head_dropout), nn.Linear(cfg.head_hidden, 1)
             )
         else:
             self.label_head = nn.Linear(head_in, 1)

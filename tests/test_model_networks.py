@@ -33,6 +33,21 @@ def test_dgenctr_options_and_unknown_options():
         model_config("xgboost", {})
 
 
+def test_dgenctr_head_dropout_is_apart_from_the_encoders():
+    from torch import nn
+
+    def rates(module):
+        return [m.p for m in module.modules() if isinstance(m, nn.Dropout)]
+
+    tower = {"d_model": 16, "heads": 2, "dropout": 0.0, "head_hidden": [8, 8], "head_batch_norm": True}
+    model = build_model("dgenctr", model_config("dgenctr", {**tower, "head_dropout": 0.3}), VOCAB)
+    assert set(rates(model.blocks)) == {0.0} and rates(model.label_head) == [0.3, 0.3]
+    assert any(isinstance(m, nn.BatchNorm1d) for m in model.label_head.modules())
+    # Left out, the head follows the encoder's dropout as it always did.
+    legacy = build_model("dgenctr", model_config("dgenctr", {**tower, "dropout": 0.1}), VOCAB)
+    assert rates(legacy.label_head) == [0.1, 0.1]
+
+
 @pytest.mark.slow
 def test_dgenctr_exports_to_onnx_with_dynamic_batch(tmp_path):
     import onnxruntime as ort
