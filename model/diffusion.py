@@ -180,16 +180,25 @@ def reconstruction_report(
 def transfer(pretrained: dict[str, torch.Tensor], target: nn.Module, mode: str = "all") -> list[str]:
     """Copy pre-trained tensors into the fine-tuning network; returns the names copied.
 
-    "all" copies every tensor (and insists the two networks match exactly); "embedding" copies
-    only the value-embedding table (the embedding-only transfer ablation).
+    "all" copies every tensor (and insists the two networks match exactly); "body" copies all
+    but the label head, whose stage-1 job (a click read off states with half the fields
+    masked) differs from stage 2's; "embedding" copies only the value-embedding table (the
+    embedding-only transfer ablation).
     """
     if mode == "all":
         target.load_state_dict(pretrained, strict=True)
         return sorted(pretrained)
-    if mode == "embedding":
-        keys = [k for k in pretrained if k.startswith("embedding.")]
-        if not keys:
-            raise ValueError("pre-trained state has no embedding tensors")
-        target.load_state_dict({k: pretrained[k] for k in keys}, strict=False)
+    if mode in ("body", "embedding"):
+        if mode == "body":
+            keys = [k for k in pretrained if not k.startswith("label_head.")]
+        else:
+            keys = [k for k in pretrained if k.startswith("embedding.")]
+        if not keys or len(keys) == len(pretrained):
+            raise ValueError(f"pre-trained state cannot be split for '{mode}' transfer")
+        missing, unexpected = target.load_state_dict({k: pretrained[k] for k in keys}, strict=False)
+        if mode == "body":
+            missing = [k for k in missing if not k.startswith("label_head.")]
+        if unexpected or (mode == "body" and missing):
+            raise ValueError(f"pre-trained state does not match the network: {sorted(unexpected or missing)[:5]}")
         return sorted(keys)
-    raise ValueError(f"unknown transfer mode '{mode}' (all or embedding)")
+    raise ValueError(f"unknown transfer mode '{mode}' (all, body or embedding)")

@@ -27,7 +27,8 @@ from model.trainer import DistContext, TrainConfig, evaluate_split, fit_supervis
 
 log = logging.getLogger(__name__)
 
-PRETRAIN_MODES = ("full", "embedding", "none")
+PRETRAIN_MODES = ("full", "body", "embedding", "none")
+_TRANSFER = {"full": "all", "body": "body", "embedding": "embedding"}
 
 
 @dataclass
@@ -40,9 +41,16 @@ class RunConfig:
     model: dict[str, Any] = field(default_factory=dict)  # overrides of the network's config dataclass
     train: TrainConfig = field(default_factory=TrainConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    # DGenCTR only. "full": stage 1 then transfer every tensor; "embedding": transfer only the
-    # embedding table; "none": the same network trained from scratch (ablations).
+    # DGenCTR only. "full": stage 1 then transfer every tensor; "body": all but the label head,
+    # which starts fresh; "embedding": transfer only the embedding table; "none": the same
+    # network trained from scratch (ablations).
     pretrain_mode: str = "full"
+    # Stage-2 LR multiplier for the tensors taken over from stage 1 (1 = one LR for all; < 1
+    # fine-tunes them more gently than the parts that start fresh).
+    transfer_lr_scale: float = 1.0
+    # Where stage 2's embedding L2 pulls the table: "zero" (FuxiCTR's regulariser) or
+    # "pretrained" (L2-SP: towards the transferred table, so the penalty does not erase it).
+    embedding_l2_anchor: str = "zero"
     pretrained: str | None = None  # a stage-1 checkpoint (safetensors) to reuse instead of running stage 1
     max_rows: int | None = None  # cap every split (smoke runs)
     threads: int = 0  # torch threads per rank; 0 = cores / ranks
@@ -54,6 +62,8 @@ class RunConfig:
             return "dgenctr-scratch"
         if self.pretrain_mode == "embedding":
             return "dgenctr-emb-only"
+        if self.pretrain_mode == "body":
+            return "dgenctr-new-head"
         return "dgenctr" if self.pretrain.mask_label else "dgenctr-no-label"
 
 
@@ -63,6 +73,12 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"unknown model '{cfg.model_type}' (choose from {', '.join(MODELS)})")
     if cfg.pretrain_mode not in PRETRAIN_MODES:
         raise ValueError(f"unknown pretrain mode '{cfg.pretrain_mode}' (choose from {', '.join(PRETRAIN_MODES)})")
+    if cfg.transfer_lr_scale < 0 or (cfg.transfer_lr_scale != 1.0 and (cfg.model_type != "dgenctr" or cfg.pretrain_mode == "none")):
+        raise ValueError(f"transfer_lr_scale {cfg.transfer_lr_scale} needs a DGenCTR run that transfers stage 1 (and a scale >= 0)")
+    if cfg.embedding_l2_anchor not in ("zero", "pretrained"):
+        raise ValueError(f"unknown embedding_l2_anchor '{cfg.embedding_l2_anchor}' (zero or pretrained)")
+    if cfg.embedding_l2_anchor == "pretrained" and (cfg.model_type != "dgenctr" or cfg.pretrain_mode == "none"):
+        raise ValueError("embedding_l2_anchor 'pretrained' needs a DGenCTR run that transfers stage 1's embedding table")
     if not Path(cfg.data).is_dir():
         raise DataError(f"data directory not found: {cfg.data}")
     if cfg.pretrained and not Path(cfg.pretrained).exists():
@@ -119,6 +135,7 @@ def train_run(cfg: RunConfig, ctx: DistContext | None = None) -> dict[str, Any]:
     seed_everything(cfg.seed)
     model = build_model(cfg.model_type, model_cfg, vocab).to(ctx.device)
     pre_info: dict[str, Any] | None = None
+    copied: list[str] = []
     if cfg.model_type == "dgenctr" and cfg.pretrain_mode != "none":
         if cfg.pretrained:
             from safetensors.torch import load_file
@@ -133,14 +150,18 @@ def train_run(cfg: RunConfig, ctx: DistContext | None = None) -> dict[str, Any]:
                 Path(cfg.out).mkdir(parents=True, exist_ok=True)
                 save_weights(model, Path(cfg.out) / "pretrained.safetensors")
         # Stage 2 starts from a freshly built network and takes over the pre-trained tensors,
-        # so "all" and "embedding" transfer differ only in what `transfer` copies.
+        # so the transfer modes differ only in what `transfer` copies.
         seed_everything(cfg.seed)
         model = build_model(cfg.model_type, model_cfg, vocab)
-        copied = transfer(state, model, "all" if cfg.pretrain_mode == "full" else "embedding")
+        copied = transfer(state, model, _TRANSFER[cfg.pretrain_mode])
         model.to(ctx.device)
         pre_info["transferred_tensors"] = len(copied)
+    anchor = None
+    if cfg.embedding_l2_anchor == "pretrained":
+        anchor = model.embedding.table.weight.detach().clone()
     seed_everything(cfg.seed + ctx.rank)  # dropout streams differ per rank; weights are DDP-broadcast
-    fit = fit_supervised(model, splits["train"], splits["valid"], cfg.train, ctx, stage="finetune" if pre_info else "train")
+    fit = fit_supervised(model, splits["train"], splits["valid"], cfg.train, ctx, stage="finetune" if pre_info else "train",
+                         scaled=copied, lr_scale=cfg.transfer_lr_scale, embedding_anchor=anchor)
     train_seconds = time.perf_counter() - start
     valid_m = evaluate_split(model, splits["valid"], ctx, cfg.train.eval_batch_size)
     test_m = evaluate_split(model, splits["test"], ctx, cfg.train.eval_batch_size) if "test" in splits else {}
@@ -162,6 +183,7 @@ def train_run(cfg: RunConfig, ctx: DistContext | None = None) -> dict[str, Any]:
             "model_type": cfg.model_type,
             "model": asdict(model_cfg),
             "train": {**asdict(cfg.train), "seed": cfg.seed, "pretrain_mode": cfg.pretrain_mode,
+                      "transfer_lr_scale": cfg.transfer_lr_scale, "embedding_l2_anchor": cfg.embedding_l2_anchor,
                       "pretrain": asdict(cfg.pretrain) if cfg.model_type == "dgenctr" else None, "world_size": ctx.world},
             "data": {"dir": str(Path(cfg.data).resolve()), "spec": cfg.spec, "rows": {s: len(e) for s, e in splits.items()},
                      "max_rows": cfg.max_rows, "fingerprint": data_fingerprint(cfg.data)},

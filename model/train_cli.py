@@ -61,8 +61,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="any other field of the model's config dataclass (repeatable), e.g. readout=concat")
 
     d = p.add_argument_group("dgenctr stage 1 (masked diffusion pre-training)", "a flag left out takes PretrainConfig's default (model/diffusion.py)")
-    d.add_argument("--pretrain-mode", choices=["full", "embedding", "none"], default="full",
-                   help="full: transfer every tensor; embedding: embedding table only; none: no pre-training")
+    d.add_argument("--pretrain-mode", choices=["full", "body", "embedding", "none"], default="full",
+                   help="full: transfer every tensor; body: all but the label head; embedding: embedding table only; "
+                   "none: no pre-training")
+    d.add_argument("--transfer-lr-scale", type=float, default=1.0,
+                   help="stage-2 LR multiplier for the tensors transferred from stage 1 (e.g. 0.1)")
+    d.add_argument("--embedding-l2-anchor", choices=["zero", "pretrained"], default="zero",
+                   help="where --embedding-l2 pulls the table in stage 2: zero, or the pre-trained table (L2-SP)")
     d.add_argument("--pretrain-epochs", type=int, default=None)
     d.add_argument("--pretrain-batch-size", type=int, default=None)
     d.add_argument("--pretrain-lr", type=float, default=None, help="AdamW learning rate")
@@ -106,6 +111,7 @@ def build_run_config(args: argparse.Namespace):  # -> model.pipeline.RunConfig
     return RunConfig(
         model_type=args.model, spec=args.spec, data=args.data, out=args.out, seed=args.seed, model=overrides,
         train=train, pretrain=pre, pretrain_mode=args.pretrain_mode, pretrained=args.pretrained,
+        transfer_lr_scale=args.transfer_lr_scale, embedding_l2_anchor=args.embedding_l2_anchor,
         max_rows=args.max_rows, threads=args.threads,
     )
 

@@ -16,7 +16,7 @@ import copy
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,11 +116,18 @@ class BCEObjective(nn.Module):
         return loss, {}
 
 
-def _embedding_penalty(model: nn.Module) -> torch.Tensor:
+def _embedding_penalty(model: nn.Module, anchor: torch.Tensor | None = None) -> torch.Tensor:
+    """1/2 ||E - anchor||^2 over the whole table (anchor None: towards zero, FuxiCTR's regulariser).
+
+    Under Adam a penalty towards zero wipes a transferred table within an epoch: rows that the
+    batch does not touch get a step of ~LR towards zero every step. Anchoring it at the
+    pre-trained table (L2-SP) regularises fine-tuning without erasing what stage 1 learned.
+    """
     emb = getattr(model, "embedding", None)
     if emb is None:
         return torch.zeros(())
-    return 0.5 * emb.table.weight.pow(2).sum()
+    weight = emb.table.weight
+    return 0.5 * (weight if anchor is None else weight - anchor).pow(2).sum()
 
 
 # ---------------------------------------------------------------------- inference
@@ -194,6 +201,7 @@ def run_epoch(
     desc: str,
     embedding_model: nn.Module | None = None,
     after_step: Callable[[], None] | None = None,
+    embedding_anchor: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """One pass over this rank's shard. Returns the mean loss and summed objective stats."""
     objective.train()
@@ -208,7 +216,7 @@ def run_epoch(
         tokens, labels = split.tokens[idx].to(ctx.device), split.labels[idx].to(ctx.device)
         loss, stats = objective(tokens, labels)
         if cfg.embedding_l2 > 0 and embedding_model is not None:
-            loss = loss + cfg.embedding_l2 * _embedding_penalty(embedding_model)
+            loss = loss + cfg.embedding_l2 * _embedding_penalty(embedding_model, embedding_anchor)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -228,6 +236,24 @@ def run_epoch(
     return {"loss": float(summed[0] / max(summed[1], 1.0)), "steps": steps, "stats": stats_sum}
 
 
+def param_groups(model: nn.Module, lr: float, scaled: Collection[str] = (), scale: float = 1.0) -> list[dict[str, Any]]:
+    """Adam groups: the named parameters at `lr * scale`, the rest at `lr`.
+
+    Fine-tuning can then move the tensors taken over from stage 1 more gently than the ones
+    it starts fresh (discriminative fine-tuning), without a second optimiser or a schedule of
+    its own: ReduceLROnPlateau divides every group alike.
+    """
+    named = list(model.named_parameters())
+    unknown = set(scaled) - {n for n, _ in named} - set(model.state_dict())
+    if unknown:
+        raise ValueError(f"no such parameters to scale: {sorted(unknown)[:5]}")
+    if scale == 1.0:
+        return [{"params": [p for _, p in named], "lr": lr}]
+    fresh = [p for n, p in named if n not in scaled]
+    kept = [p for n, p in named if n in scaled]
+    return [{"params": ps, "lr": r} for ps, r in ((fresh, lr), (kept, lr * scale)) if ps]
+
+
 @dataclass
 class FitResult:
     best_epoch: int
@@ -244,12 +270,19 @@ def fit_supervised(
     ctx: DistContext,
     stage: str = "train",
     objective: nn.Module | None = None,
+    scaled: Collection[str] = (),
+    lr_scale: float = 1.0,
+    embedding_anchor: torch.Tensor | None = None,
 ) -> FitResult:
-    """Train with BCE until valid AUC stops improving; leave `model` holding the best weights."""
+    """Train with BCE until valid AUC stops improving; leave `model` holding the best weights.
+
+    `scaled` names the parameters trained at `lr_scale` times the LR (see `param_groups`);
+    `embedding_anchor` is where the embedding L2 penalty pulls the table (None: zero).
+    """
     start = time.perf_counter()
     objective = objective or BCEObjective(model)
     wrapped = _wrap(objective, ctx)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.Adam(param_groups(model, cfg.lr, scaled, lr_scale), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max", factor=cfg.lr_decay, patience=cfg.lr_patience, min_lr=cfg.min_lr
     )
@@ -259,9 +292,10 @@ def fit_supervised(
     epochs = tqdm(range(cfg.epochs), desc=f"{stage} epochs", disable=not (cfg.progress and ctx.is_main), unit="epoch")
     for epoch in epochs:
         t0 = time.perf_counter()
-        out = run_epoch(wrapped, optimizer, train, epoch, cfg, ctx, f"{stage} {epoch + 1}/{cfg.epochs}", model)
+        out = run_epoch(wrapped, optimizer, train, epoch, cfg, ctx, f"{stage} {epoch + 1}/{cfg.epochs}", model,
+                        embedding_anchor=embedding_anchor)
         valid_m = evaluate_split(model, valid, ctx, cfg.eval_batch_size, with_gauc=False)
-        lr = optimizer.param_groups[0]["lr"]
+        lr = max(g["lr"] for g in optimizer.param_groups)
         improved = valid_m["auc"] > best_auc + 1e-6
         if improved:
             best_auc, best_epoch, wait = valid_m["auc"], epoch, 0

@@ -108,3 +108,18 @@ def test_embedding_only_transfer_leaves_the_rest():
             assert torch.equal(v, before[k]), k
     with pytest.raises(ValueError, match="transfer mode"):
         transfer(pre.state_dict(), fine, "heads")
+
+
+def test_body_transfer_starts_the_label_head_fresh():
+    pre = _tiny(0)
+    _one_pretrain_step(pre)
+    fine = _tiny(1)
+    before = {k: v.clone() for k, v in fine.state_dict().items()}
+    copied = transfer(pre.state_dict(), fine, "body")
+    head = {k for k in fine.state_dict() if k.startswith("label_head.")}
+    assert head and set(copied) == set(fine.state_dict()) - head
+    for k, v in fine.state_dict().items():
+        assert torch.equal(v, before[k] if k in head else pre.state_dict()[k]), k
+    other = DGenCTR([20, 30, 12], DGenCTRConfig(d_model=16, layers=2, heads=2))  # one block more
+    with pytest.raises(ValueError, match="does not match"):
+        transfer(other.state_dict(), fine, "body")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from ctr.cli import main
 
@@ -100,10 +101,60 @@ def test_reused_pretrained_checkpoint_and_ablation_modes(tmp_path, synth_dir):
     assert nolabel["pretrain"]["valid_reconstruction"]["label"]["masked"] > 0  # the report masks it anyway
 
 
+def test_transferred_tensors_train_at_their_own_lr(tmp_path, synth_dir):
+    from safetensors.torch import load_file
+
+    base = [*TINY, "--epochs", "1", "--pretrain-epochs", "1", *SMALL_DGENCTR]
+    first = _train(tmp_path / "pre", synth_dir, "dgenctr", *base)
+    ckpt = tmp_path / "pre" / "dgenctr" / "pretrained.safetensors"
+    # Scale 0 freezes what stage 1 taught; the label head starts fresh and alone learns.
+    frozen = _train(tmp_path / "frozen", synth_dir, "dgenctr", *base, "--pretrained", str(ckpt), "--pretrain-mode", "body",
+                    "--transfer-lr-scale", "0")
+    assert frozen["variant"] == "dgenctr-new-head"
+    pre, fine = load_file(ckpt), load_file(tmp_path / "frozen" / "dgenctr" / "model.safetensors")
+    body = [k for k in pre if not k.startswith("label_head.")]
+    assert body and all(torch.equal(pre[k], fine[k]) for k in body)
+    assert any(not torch.equal(pre[k], fine[k]) for k in pre if k.startswith("label_head."))
+    config = json.loads((tmp_path / "frozen" / "dgenctr" / "config.json").read_text())
+    assert config["train"]["transfer_lr_scale"] == 0.0 and config["train"]["pretrain_mode"] == "body"
+    assert frozen["test"] != first["test"]
+
+
+def test_embedding_l2_can_anchor_at_the_pretrained_table(tmp_path, synth_dir):
+    from safetensors.torch import load_file
+
+    base = [*TINY, "--epochs", "2", "--pretrain-epochs", "1", *SMALL_DGENCTR, "--embedding-l2", "10"]
+    _train(tmp_path / "pre", synth_dir, "dgenctr", *base)
+    ckpt = tmp_path / "pre" / "dgenctr" / "pretrained.safetensors"
+    key = "embedding.table.weight"
+    start = load_file(ckpt)[key]
+    drift = {}
+    for anchor in ("zero", "pretrained"):
+        _train(tmp_path / anchor, synth_dir, "dgenctr", *base, "--pretrained", str(ckpt), "--embedding-l2-anchor", anchor)
+        table = load_file(tmp_path / anchor / "dgenctr" / "model.safetensors")[key]
+        drift[anchor] = ((table - start).abs().mean() / start.abs().mean()).item()
+    # Towards zero, a strong penalty shrinks the whole transferred table; anchored, it holds it.
+    assert drift["pretrained"] < 0.5 * drift["zero"], drift
+
+
+def test_param_groups_scale_only_the_named_parameters():
+    from model.trainer import param_groups
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    groups = param_groups(net, 1e-3, ["0.weight", "0.bias"], 0.1)
+    assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-4)]
+    assert [len(g["params"]) for g in groups] == [2, 2] and groups[1]["params"][0] is net[0].weight
+    assert len(param_groups(net, 1e-3, ["0.weight"], 1.0)) == 1
+    with pytest.raises(ValueError, match="no such parameters"):
+        param_groups(net, 1e-3, ["2.weight"], 0.5)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--model", "xgboost"], "unknown model 'xgboost'"),
+        (["--model", "dgenctr", "--pretrain-mode", "none", "--transfer-lr-scale", "0.1"], "needs a DGenCTR run that transfers"),
+        (["--embedding-l2-anchor", "pretrained"], "needs a DGenCTR run that transfers"),
         (["--data", "/no/such/dir"], "data directory not found"),
         (["--model-opt", "bogus=1"], "no option"),
         (["--spec", "no_such_spec"], "not found"),
