@@ -45,8 +45,10 @@ class RunConfig:
     # which starts fresh; "embedding": transfer only the embedding table; "none": the same
     # network trained from scratch (ablations).
     pretrain_mode: str = "full"
-    # Stage-2 LR multiplier for the tensors taken over from stage 1 (1 = one LR for all; < 1
-    # fine-tunes them more gently than the parts that start fresh).
+    # Stage-2 LR multiplier for the network tensors taken over from stage 1 (1 = one LR for
+    # all; < 1 fine-tunes them more gently than the parts that start fresh). The embedding
+    # table keeps the full LR: its L2 penalty works through Adam steps of about one LR, and at
+    # a tenth of it the penalty on a pre-trained table outweighs the click loss for epochs.
     transfer_lr_scale: float = 1.0
     # Where stage 2's embedding L2 pulls the table: "zero" (FuxiCTR's regulariser) or
     # "pretrained" (L2-SP: towards the transferred table, so the penalty does not erase it).
@@ -161,7 +163,8 @@ def train_run(cfg: RunConfig, ctx: DistContext | None = None) -> dict[str, Any]:
         anchor = model.embedding.table.weight.detach().clone()
     seed_everything(cfg.seed + ctx.rank)  # dropout streams differ per rank; weights are DDP-broadcast
     fit = fit_supervised(model, splits["train"], splits["valid"], cfg.train, ctx, stage="finetune" if pre_info else "train",
-                         scaled=copied, lr_scale=cfg.transfer_lr_scale, embedding_anchor=anchor)
+                         scaled=[k for k in copied if not k.startswith("embedding.")], lr_scale=cfg.transfer_lr_scale,
+                         embedding_anchor=anchor)
     train_seconds = time.perf_counter() - start
     valid_m = evaluate_split(model, splits["valid"], ctx, cfg.train.eval_batch_size)
     test_m = evaluate_split(model, splits["test"], ctx, cfg.train.eval_batch_size) if "test" in splits else {}

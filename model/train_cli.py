@@ -65,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="full: transfer every tensor; body: all but the label head; embedding: embedding table only; "
                    "none: no pre-training")
     d.add_argument("--transfer-lr-scale", type=float, default=1.0,
-                   help="stage-2 LR multiplier for the tensors transferred from stage 1 (e.g. 0.1)")
+                   help="stage-2 LR multiplier for the network tensors transferred from stage 1 (e.g. 0.1); "
+                   "the embedding table keeps the full LR")
     d.add_argument("--embedding-l2-anchor", choices=["zero", "pretrained"], default="zero",
                    help="where --embedding-l2 pulls the table in stage 2: zero, or the pre-trained table (L2-SP)")
     d.add_argument("--pretrain-epochs", type=int, default=None)

@@ -107,13 +107,14 @@ def test_transferred_tensors_train_at_their_own_lr(tmp_path, synth_dir):
     base = [*TINY, "--epochs", "1", "--pretrain-epochs", "1", *SMALL_DGENCTR]
     first = _train(tmp_path / "pre", synth_dir, "dgenctr", *base)
     ckpt = tmp_path / "pre" / "dgenctr" / "pretrained.safetensors"
-    # Scale 0 freezes what stage 1 taught; the label head starts fresh and alone learns.
+    # Scale 0 freezes the transferred encoder; the fresh label head and the embedding table learn.
     frozen = _train(tmp_path / "frozen", synth_dir, "dgenctr", *base, "--pretrained", str(ckpt), "--pretrain-mode", "body",
                     "--transfer-lr-scale", "0")
     assert frozen["variant"] == "dgenctr-new-head"
     pre, fine = load_file(ckpt), load_file(tmp_path / "frozen" / "dgenctr" / "model.safetensors")
-    body = [k for k in pre if not k.startswith("label_head.")]
-    assert body and all(torch.equal(pre[k], fine[k]) for k in body)
+    network = [k for k in pre if not k.startswith(("label_head.", "embedding."))]
+    assert network and all(torch.equal(pre[k], fine[k]) for k in network)
+    assert not torch.equal(pre["embedding.table.weight"], fine["embedding.table.weight"])  # the table keeps the full LR
     assert any(not torch.equal(pre[k], fine[k]) for k in pre if k.startswith("label_head."))
     config = json.loads((tmp_path / "frozen" / "dgenctr" / "config.json").read_text())
     assert config["train"]["transfer_lr_scale"] == 0.0 and config["train"]["pretrain_mode"] == "body"
