@@ -119,9 +119,10 @@ class BCEObjective(nn.Module):
 def _embedding_penalty(model: nn.Module, anchor: torch.Tensor | None = None) -> torch.Tensor:
     """1/2 ||E - anchor||^2 over the whole table (anchor None: towards zero, FuxiCTR's regulariser).
 
-    Under Adam a penalty towards zero wipes a transferred table within an epoch: rows that the
-    batch does not touch get a step of ~LR towards zero every step. Anchoring it at the
-    pre-trained table (L2-SP) regularises fine-tuning without erasing what stage 1 learned.
+    Under Adam a penalty towards zero moves every row, untouched ones included, by about one LR
+    towards zero each step, so it can erase a transferred table faster than the data moves it.
+    Anchoring it at the pre-trained table (L2-SP) regularises fine-tuning without that. On
+    Frappe_x1 the anchor held the table too close to stage 1's (docs/results.md, #44).
     """
     emb = getattr(model, "embedding", None)
     if emb is None:
@@ -249,6 +250,7 @@ def param_groups(model: nn.Module, lr: float, scaled: Collection[str] = (), scal
         raise ValueError(f"no such parameters to scale: {sorted(unknown)[:5]}")
     if scale == 1.0:
         return [{"params": [p for _, p in named], "lr": lr}]
+    scaled = set(scaled)
     fresh = [p for n, p in named if n not in scaled]
     kept = [p for n, p in named if n in scaled]
     return [{"params": ps, "lr": r} for ps, r in ((fresh, lr), (kept, lr * scale)) if ps]
