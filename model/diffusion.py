@@ -10,6 +10,7 @@ negatives) and a masked label with cross-entropy. Everything is averaged over ma
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -177,6 +178,13 @@ def reconstruction_report(
     return report
 
 
+# The partial transfer modes: which state-dict keys each one copies.
+_PARTIAL_TRANSFER: dict[str, Callable[[str], bool]] = {
+    "body": lambda k: not k.startswith("label_head."),
+    "embedding": lambda k: k.startswith("embedding."),
+}
+
+
 def transfer(pretrained: dict[str, torch.Tensor], target: nn.Module, mode: str = "all") -> list[str]:
     """Copy pre-trained tensors into the fine-tuning network; returns the names copied.
 
@@ -188,17 +196,14 @@ def transfer(pretrained: dict[str, torch.Tensor], target: nn.Module, mode: str =
     if mode == "all":
         target.load_state_dict(pretrained, strict=True)
         return sorted(pretrained)
-    if mode in ("body", "embedding"):
-        if mode == "body":
-            keys = [k for k in pretrained if not k.startswith("label_head.")]
-        else:
-            keys = [k for k in pretrained if k.startswith("embedding.")]
-        if not keys or len(keys) == len(pretrained):
-            raise ValueError(f"pre-trained state cannot be split for '{mode}' transfer")
-        missing, unexpected = target.load_state_dict({k: pretrained[k] for k in keys}, strict=False)
-        if mode == "body":
-            missing = [k for k in missing if not k.startswith("label_head.")]
-        if unexpected or (mode == "body" and missing):
-            raise ValueError(f"pre-trained state does not match the network: {sorted(unexpected or missing)[:5]}")
-        return sorted(keys)
-    raise ValueError(f"unknown transfer mode '{mode}' (all, body or embedding)")
+    keep = _PARTIAL_TRANSFER.get(mode)
+    if keep is None:
+        raise ValueError(f"unknown transfer mode '{mode}' (all, body or embedding)")
+    keys = [k for k in pretrained if keep(k)]
+    if not keys or len(keys) == len(pretrained):
+        raise ValueError(f"pre-trained state cannot be split for '{mode}' transfer")
+    missing, unexpected = target.load_state_dict({k: pretrained[k] for k in keys}, strict=False)
+    missing = [k for k in missing if keep(k)]  # what the mode copies but the state lacks
+    if unexpected or missing:
+        raise ValueError(f"pre-trained state does not match the network: {sorted(unexpected or missing)[:5]}")
+    return sorted(keys)

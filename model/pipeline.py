@@ -57,6 +57,11 @@ class RunConfig:
     max_rows: int | None = None  # cap every split (smoke runs)
     threads: int = 0  # torch threads per rank; 0 = cores / ranks
 
+    @property
+    def transfers(self) -> bool:
+        """Whether stage 2 takes over a stage 1 (the flags that tune the takeover need one)."""
+        return self.model_type == "dgenctr" and self.pretrain_mode != "none"
+
     def variant(self) -> str:
         if self.model_type != "dgenctr":
             return self.model_type
@@ -75,11 +80,11 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"unknown model '{cfg.model_type}' (choose from {', '.join(MODELS)})")
     if cfg.pretrain_mode not in PRETRAIN_MODES:
         raise ValueError(f"unknown pretrain mode '{cfg.pretrain_mode}' (choose from {', '.join(PRETRAIN_MODES)})")
-    if cfg.transfer_lr_scale < 0 or (cfg.transfer_lr_scale != 1.0 and (cfg.model_type != "dgenctr" or cfg.pretrain_mode == "none")):
+    if cfg.transfer_lr_scale < 0 or (cfg.transfer_lr_scale != 1.0 and not cfg.transfers):
         raise ValueError(f"transfer_lr_scale {cfg.transfer_lr_scale} needs a DGenCTR run that transfers stage 1 (and a scale >= 0)")
     if cfg.embedding_l2_anchor not in ("zero", "pretrained"):
         raise ValueError(f"unknown embedding_l2_anchor '{cfg.embedding_l2_anchor}' (zero or pretrained)")
-    if cfg.embedding_l2_anchor == "pretrained" and (cfg.model_type != "dgenctr" or cfg.pretrain_mode == "none"):
+    if cfg.embedding_l2_anchor == "pretrained" and not cfg.transfers:
         raise ValueError("embedding_l2_anchor 'pretrained' needs a DGenCTR run that transfers stage 1's embedding table")
     if not Path(cfg.data).is_dir():
         raise DataError(f"data directory not found: {cfg.data}")
@@ -138,7 +143,7 @@ def train_run(cfg: RunConfig, ctx: DistContext | None = None) -> dict[str, Any]:
     model = build_model(cfg.model_type, model_cfg, vocab).to(ctx.device)
     pre_info: dict[str, Any] | None = None
     copied: list[str] = []
-    if cfg.model_type == "dgenctr" and cfg.pretrain_mode != "none":
+    if cfg.transfers:
         if cfg.pretrained:
             from safetensors.torch import load_file
 

@@ -245,12 +245,12 @@ def param_groups(model: nn.Module, lr: float, scaled: Collection[str] = (), scal
     its own: ReduceLROnPlateau divides every group alike.
     """
     named = list(model.named_parameters())
-    unknown = set(scaled) - {n for n, _ in named} - set(model.state_dict())
+    scaled = set(scaled)
+    unknown = scaled - {n for n, _ in named} - set(model.state_dict())
     if unknown:
         raise ValueError(f"no such parameters to scale: {sorted(unknown)[:5]}")
     if scale == 1.0:
         return [{"params": [p for _, p in named], "lr": lr}]
-    scaled = set(scaled)
     fresh = [p for n, p in named if n not in scaled]
     kept = [p for n, p in named if n in scaled]
     return [{"params": ps, "lr": r} for ps, r in ((fresh, lr), (kept, lr * scale)) if ps]

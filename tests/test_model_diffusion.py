@@ -95,11 +95,16 @@ def test_full_transfer_copies_every_tensor():
     assert torch.equal(pre(tokens), fine(tokens))
 
 
-def test_embedding_only_transfer_leaves_the_rest():
+def _pretrained_and_fresh() -> tuple[DGenCTR, DGenCTR, dict[str, torch.Tensor]]:
+    """A network after one stage-1 step, a fresh one, and the fresh one's state before transfer."""
     pre = _tiny(0)
     _one_pretrain_step(pre)
     fine = _tiny(1)
-    before = {k: v.clone() for k, v in fine.state_dict().items()}
+    return pre, fine, {k: v.clone() for k, v in fine.state_dict().items()}
+
+
+def test_embedding_only_transfer_leaves_the_rest():
+    pre, fine, before = _pretrained_and_fresh()
     copied = transfer(pre.state_dict(), fine, "embedding")
     assert copied == ["embedding.table.weight"]
     assert torch.equal(fine.embedding.table.weight, pre.embedding.table.weight)
@@ -111,10 +116,7 @@ def test_embedding_only_transfer_leaves_the_rest():
 
 
 def test_body_transfer_starts_the_label_head_fresh():
-    pre = _tiny(0)
-    _one_pretrain_step(pre)
-    fine = _tiny(1)
-    before = {k: v.clone() for k, v in fine.state_dict().items()}
+    pre, fine, before = _pretrained_and_fresh()
     copied = transfer(pre.state_dict(), fine, "body")
     head = {k for k in fine.state_dict() if k.startswith("label_head.")}
     assert head and set(copied) == set(fine.state_dict()) - head
