@@ -101,6 +101,19 @@ def sampled_softmax_loss(
     return loss_sum, correct, masked
 
 
+def field_reconstruction(
+    model: DGenCTR, h: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, cfg: PretrainConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The masked fields' sampled-softmax terms: (loss_sum, correct [F], masked [F], field_mask [B, F])."""
+    f = tokens.shape[1]
+    # PAD/MASK never appear as real values; OOV does and is a legitimate target.
+    field_mask = mask[:, :f] & (tokens != PAD_ID) & (tokens != MASK_ID)
+    gen = model.generate(h)
+    cand = model.embedding(tokens)
+    loss_sum, correct, masked = sampled_softmax_loss(gen, cand, tokens, field_mask, cfg.tau, cfg.num_negatives)
+    return loss_sum, correct, masked, field_mask
+
+
 class PretrainObjective(nn.Module):
     """Stage-1 loss of a DGenCTR; returns (mean loss over masked elements, stats).
 
@@ -118,11 +131,7 @@ class PretrainObjective(nn.Module):
         b, f = tokens.shape
         mask = sample_mask(b, f, self.cfg.schedule, self.cfg.mask_label, self.generator, self.cfg.min_t, tokens.device)
         h = self.model.hidden(tokens, labels, mask)
-        gen = self.model.generate(h)
-        cand = self.model.embedding(tokens)
-        # PAD/MASK never appear as real values; OOV does and is a legitimate target.
-        field_mask = mask[:, :f] & (tokens != PAD_ID) & (tokens != MASK_ID)
-        feat_sum, correct, masked = sampled_softmax_loss(gen, cand, tokens, field_mask, self.cfg.tau, self.cfg.num_negatives)
+        feat_sum, correct, masked, field_mask = field_reconstruction(self.model, h, tokens, mask, self.cfg)
         label_mask = mask[:, f]
         logit = self.model.label_logit(h)
         label_ce = F.binary_cross_entropy_with_logits(logit, labels, reduction="none")
@@ -137,6 +146,37 @@ class PretrainObjective(nn.Module):
             "masked": torch.cat([masked, lm.sum().view(1)]),
         }
         return loss, stats
+
+
+class JointObjective(nn.Module):
+    """Stage 2 that keeps stage 1's field reconstruction as an auxiliary loss.
+
+    Fine-tuning from stage 1 moves the encoder and table far from where stage 1 left them
+    (docs/results.md, fifth round), so what the generative task taught is kept only as a
+    starting point. Here the click BCE on the scoring view is joined by `weight` times the
+    masked-field loss on a second, diffusion-masked view of the batch's first `rows` rows:
+    the generative task stays a regulariser of the shared table and encoder for the whole of
+    stage 2. The label is never masked in that view and its head is not called there, so the
+    label head (and its BatchNorm statistics) sees only the scoring view.
+    """
+
+    def __init__(self, model: DGenCTR, cfg: PretrainConfig, weight: float, rows: int, seed: int) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.weight = weight
+        self.rows = rows
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        bce = F.binary_cross_entropy_with_logits(self.model(tokens), labels)
+        aux_tokens, aux_labels = tokens[: self.rows or None], labels[: self.rows or None]
+        b, f = aux_tokens.shape
+        mask = sample_mask(b, f, self.cfg.schedule, False, self.generator, self.cfg.min_t, tokens.device)
+        h = self.model.hidden(aux_tokens, aux_labels, mask)
+        feat_sum, _, _, field_mask = field_reconstruction(self.model, h, aux_tokens, mask, self.cfg)
+        aux = feat_sum / field_mask.sum().clamp(min=1)
+        return bce + self.weight * aux, {"bce": bce.detach(), "aux": aux.detach()}
 
 
 @torch.no_grad()

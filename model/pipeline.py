@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from model.data import load_encoded
-from model.diffusion import PretrainConfig, PretrainObjective, reconstruction_report, transfer
+from model.diffusion import JointObjective, PretrainConfig, PretrainObjective, reconstruction_report, transfer
 from model.logs import kv
 from model.networks import MODELS, build_model, model_config
 from model.readers import DataError
@@ -53,6 +53,10 @@ class RunConfig:
     # Where stage 2's embedding L2 pulls the table: "zero" (FuxiCTR's regulariser) or
     # "pretrained" (L2-SP: towards the transferred table, so the penalty does not erase it).
     embedding_l2_anchor: str = "zero"
+    # DGenCTR only: weight of stage 1's masked-field loss kept as an auxiliary in stage 2 (0: off),
+    # computed on a second, diffusion-masked view of each batch's first `aux_rows` rows (0: all).
+    aux_weight: float = 0.0
+    aux_rows: int = 256
     pretrained: str | None = None  # a stage-1 checkpoint (safetensors) to reuse instead of running stage 1
     max_rows: int | None = None  # cap every split (smoke runs)
     threads: int = 0  # torch threads per rank; 0 = cores / ranks
@@ -62,7 +66,7 @@ class RunConfig:
         """Whether stage 2 takes over a stage 1 (the flags that tune the takeover need one)."""
         return self.model_type == "dgenctr" and self.pretrain_mode != "none"
 
-    def variant(self) -> str:
+    def _base_variant(self) -> str:
         if self.model_type != "dgenctr":
             return self.model_type
         if self.pretrain_mode == "none":
@@ -72,6 +76,10 @@ class RunConfig:
         if self.pretrain_mode == "body":
             return "dgenctr-new-head"
         return "dgenctr" if self.pretrain.mask_label else "dgenctr-no-label"
+
+    def variant(self) -> str:
+        """The benchmark's name for this run: the model, its transfer mode, and `-aux` for a joint stage 2."""
+        return self._base_variant() + ("-aux" if self.aux_weight > 0 else "")
 
 
 def validate(cfg: RunConfig) -> None:
@@ -86,6 +94,8 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"unknown embedding_l2_anchor '{cfg.embedding_l2_anchor}' (zero or pretrained)")
     if cfg.embedding_l2_anchor == "pretrained" and not cfg.transfers:
         raise ValueError("embedding_l2_anchor 'pretrained' needs a DGenCTR run that transfers stage 1's embedding table")
+    if cfg.aux_weight < 0 or cfg.aux_rows < 0 or (cfg.aux_weight > 0 and cfg.model_type != "dgenctr"):
+        raise ValueError(f"aux_weight {cfg.aux_weight} (rows {cfg.aux_rows}) needs a DGenCTR run and values >= 0")
     if not Path(cfg.data).is_dir():
         raise DataError(f"data directory not found: {cfg.data}")
     if cfg.pretrained and not Path(cfg.pretrained).exists():
@@ -166,8 +176,12 @@ def train_run(cfg: RunConfig, ctx: DistContext | None = None) -> dict[str, Any]:
     anchor = None
     if cfg.embedding_l2_anchor == "pretrained":
         anchor = model.embedding.table.weight.detach().clone()
+    objective = None
+    if cfg.aux_weight > 0:
+        objective = JointObjective(model, cfg.pretrain, cfg.aux_weight, cfg.aux_rows, seed=cfg.seed * 7919 + 1 + ctx.rank)
     seed_everything(cfg.seed + ctx.rank)  # dropout streams differ per rank; weights are DDP-broadcast
     fit = fit_supervised(model, splits["train"], splits["valid"], cfg.train, ctx, stage="finetune" if pre_info else "train",
+                         objective=objective,
                          scaled=[k for k in copied if not k.startswith("embedding.")], lr_scale=cfg.transfer_lr_scale,
                          embedding_anchor=anchor)
     train_seconds = time.perf_counter() - start
@@ -192,6 +206,7 @@ def train_run(cfg: RunConfig, ctx: DistContext | None = None) -> dict[str, Any]:
             "model": asdict(model_cfg),
             "train": {**asdict(cfg.train), "seed": cfg.seed, "pretrain_mode": cfg.pretrain_mode,
                       "transfer_lr_scale": cfg.transfer_lr_scale, "embedding_l2_anchor": cfg.embedding_l2_anchor,
+                      "aux_weight": cfg.aux_weight, "aux_rows": cfg.aux_rows,
                       "pretrain": asdict(cfg.pretrain) if cfg.model_type == "dgenctr" else None, "world_size": ctx.world},
             "data": {"dir": str(Path(cfg.data).resolve()), "spec": cfg.spec, "rows": {s: len(e) for s, e in splits.items()},
                      "max_rows": cfg.max_rows, "fingerprint": data_fingerprint(cfg.data)},

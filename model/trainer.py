@@ -309,6 +309,8 @@ def fit_supervised(
         stop = _broadcast_flag(wait >= cfg.patience, ctx)
         row = {"epoch": epoch + 1, "stage": stage, "train_loss": out["loss"], "valid_auc": valid_m["auc"],
                "valid_logloss": valid_m["logloss"], "lr": lr, "seconds": time.perf_counter() - t0}
+        # An objective's scalar stats (a joint objective's parts) as per-step means over all ranks.
+        row.update({f"train_{k}": float(v) / max(1, out["steps"] * ctx.world) for k, v in out["stats"].items() if v.numel() == 1})
         history.append(row)
         epochs.set_postfix(auc=f"{valid_m['auc']:.5f}", best=f"{best_auc:.5f}")
         if ctx.is_main:

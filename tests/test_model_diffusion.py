@@ -1,4 +1,4 @@
-"""Stage-1 pieces: the masking schedule, the sampled-softmax loss and weight transfer."""
+"""Stage-1 pieces: the masking schedule, the sampled-softmax loss, weight transfer and the joint stage 2."""
 
 from __future__ import annotations
 
@@ -6,8 +6,17 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from model.diffusion import PretrainConfig, PretrainObjective, mask_prob, sample_mask, sampled_softmax_loss, transfer
+from model.diffusion import (
+    JointObjective,
+    PretrainConfig,
+    PretrainObjective,
+    mask_prob,
+    sample_mask,
+    sampled_softmax_loss,
+    transfer,
+)
 from model.dgenctr import DGenCTR, DGenCTRConfig
 
 F_FIELDS = 10
@@ -125,3 +134,22 @@ def test_body_transfer_starts_the_label_head_fresh():
     other = DGenCTR([20, 30, 12], DGenCTRConfig(d_model=16, layers=2, heads=2))  # one block more
     with pytest.raises(ValueError, match="does not match"):
         transfer(other.state_dict(), fine, "body")
+
+
+def test_joint_objective_adds_field_reconstruction_but_keeps_the_label_head_on_the_scoring_view():
+    model = DGenCTR([20, 30, 12], DGenCTRConfig(d_model=16, layers=1, heads=2, head_hidden=[8], head_batch_norm=True))
+    tokens = torch.randint(3, 12, (32, 3))
+    labels = (torch.rand(32) < 0.3).float()
+    bn = next(m for m in model.label_head.modules() if isinstance(m, torch.nn.BatchNorm1d))
+    head = list(model.label_head.parameters())
+
+    loss, stats = JointObjective(model, PretrainConfig(num_negatives=8), weight=0.5, rows=16, seed=0)(tokens, labels)
+    assert torch.isclose(loss, stats["bce"] + 0.5 * stats["aux"]) and stats["aux"] > 0
+    assert bn.num_batches_tracked.item() == 1  # the head ran on the scoring view only
+    joint_grads = torch.autograd.grad(loss, [*head, model.gen_w], allow_unused=True)
+
+    # The label head's gradient is the click loss's alone; the generators learn from the auxiliary term.
+    bce = F.binary_cross_entropy_with_logits(model(tokens), labels)
+    bce_grads = torch.autograd.grad(bce, head)
+    assert all(torch.allclose(j, b, atol=1e-6) for j, b in zip(joint_grads, bce_grads))
+    assert joint_grads[-1] is not None and joint_grads[-1].abs().sum() > 0

@@ -138,6 +138,22 @@ def test_embedding_l2_can_anchor_at_the_pretrained_table(tmp_path, synth_dir):
     assert drift["pretrained"] < 0.5 * drift["zero"], drift
 
 
+def test_joint_stage_two_logs_both_losses_and_records_its_weight(tmp_path, synth_dir):
+    base = [*TINY, "--epochs", "2", "--pretrain-epochs", "1", *SMALL_DGENCTR]
+    plain = _train(tmp_path / "plain", synth_dir, "dgenctr", *base, "--pretrain-mode", "none")
+    joint = _train(tmp_path / "joint", synth_dir, "dgenctr", *base, "--pretrain-mode", "none", "--aux-weight", "0.3",
+                   "--aux-rows", "64")
+    assert joint["variant"] == "dgenctr-scratch-aux"
+    history = joint["history"]
+    for row in history:
+        assert row["train_loss"] == pytest.approx(row["train_bce"] + 0.3 * row["train_aux"], rel=1e-4)
+    assert history[1]["train_aux"] < history[0]["train_aux"]  # the reconstruction is learned, not just computed
+    assert "train_aux" not in plain["history"][0]
+    assert joint["test"] != plain["test"]
+    config = json.loads((tmp_path / "joint" / "dgenctr" / "config.json").read_text())
+    assert config["train"]["aux_weight"] == 0.3 and config["train"]["aux_rows"] == 64
+
+
 def test_param_groups_scale_only_the_named_parameters():
     from model.trainer import param_groups
 
@@ -156,6 +172,7 @@ def test_param_groups_scale_only_the_named_parameters():
         (["--model", "xgboost"], "unknown model 'xgboost'"),
         (["--model", "dgenctr", "--pretrain-mode", "none", "--transfer-lr-scale", "0.1"], "needs a DGenCTR run that transfers"),
         (["--embedding-l2-anchor", "pretrained"], "needs a DGenCTR run that transfers"),
+        (["--aux-weight", "0.1"], "needs a DGenCTR run"),
         (["--data", "/no/such/dir"], "data directory not found"),
         (["--model-opt", "bogus=1"], "no option"),
         (["--spec", "no_such_spec"], "not found"),
