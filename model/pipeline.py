@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from model.data import load_encoded
-from model.diffusion import JointObjective, PretrainConfig, PretrainObjective, reconstruction_report, transfer
+from model.diffusion import FineTuneObjective, PretrainConfig, PretrainObjective, reconstruction_report, transfer
 from model.logs import kv
 from model.networks import MODELS, build_model, model_config
 from model.readers import DataError
@@ -57,6 +57,9 @@ class RunConfig:
     # computed on a second, diffusion-masked view of each batch's first `aux_rows` rows (0: all).
     aux_weight: float = 0.0
     aux_rows: int = 256
+    # DGenCTR only: probability that stage 2 replaces a field by its [MASK] embedding while
+    # training (0: off); scoring always sees every field.
+    field_mask_rate: float = 0.0
     pretrained: str | None = None  # a stage-1 checkpoint (safetensors) to reuse instead of running stage 1
     max_rows: int | None = None  # cap every split (smoke runs)
     threads: int = 0  # torch threads per rank; 0 = cores / ranks
@@ -78,8 +81,9 @@ class RunConfig:
         return "dgenctr" if self.pretrain.mask_label else "dgenctr-no-label"
 
     def variant(self) -> str:
-        """The benchmark's name for this run: the model, its transfer mode, and `-aux` for a joint stage 2."""
-        return self._base_variant() + ("-aux" if self.aux_weight > 0 else "")
+        """The benchmark's name for this run: the model, its transfer mode, `-aux` for a joint
+        stage 2 and `-fmask` for a field-masked one."""
+        return self._base_variant() + ("-aux" if self.aux_weight > 0 else "") + ("-fmask" if self.field_mask_rate > 0 else "")
 
 
 def validate(cfg: RunConfig) -> None:
@@ -96,6 +100,8 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError("embedding_l2_anchor 'pretrained' needs a DGenCTR run that transfers stage 1's embedding table")
     if cfg.aux_weight < 0 or cfg.aux_rows < 0 or (cfg.aux_weight > 0 and cfg.model_type != "dgenctr"):
         raise ValueError(f"aux_weight {cfg.aux_weight} (rows {cfg.aux_rows}) needs a DGenCTR run and values >= 0")
+    if not 0 <= cfg.field_mask_rate < 1 or (cfg.field_mask_rate > 0 and cfg.model_type != "dgenctr"):
+        raise ValueError(f"field_mask_rate {cfg.field_mask_rate} needs a DGenCTR run and a value in [0, 1)")
     if not Path(cfg.data).is_dir():
         raise DataError(f"data directory not found: {cfg.data}")
     if cfg.pretrained and not Path(cfg.pretrained).exists():
@@ -177,8 +183,9 @@ def train_run(cfg: RunConfig, ctx: DistContext | None = None) -> dict[str, Any]:
     if cfg.embedding_l2_anchor == "pretrained":
         anchor = model.embedding.table.weight.detach().clone()
     objective = None
-    if cfg.aux_weight > 0:
-        objective = JointObjective(model, cfg.pretrain, cfg.aux_weight, cfg.aux_rows, seed=cfg.seed * 7919 + 1 + ctx.rank)
+    if cfg.aux_weight > 0 or cfg.field_mask_rate > 0:
+        objective = FineTuneObjective(model, cfg.pretrain, seed=cfg.seed * 7919 + 1 + ctx.rank, field_mask_rate=cfg.field_mask_rate,
+                                      aux_weight=cfg.aux_weight, aux_rows=cfg.aux_rows)
     seed_everything(cfg.seed + ctx.rank)  # dropout streams differ per rank; weights are DDP-broadcast
     fit = fit_supervised(model, splits["train"], splits["valid"], cfg.train, ctx, stage="finetune" if pre_info else "train",
                          objective=objective,
@@ -207,6 +214,7 @@ def train_run(cfg: RunConfig, ctx: DistContext | None = None) -> dict[str, Any]:
             "train": {**asdict(cfg.train), "seed": cfg.seed, "pretrain_mode": cfg.pretrain_mode,
                       "transfer_lr_scale": cfg.transfer_lr_scale, "embedding_l2_anchor": cfg.embedding_l2_anchor,
                       "aux_weight": cfg.aux_weight, "aux_rows": cfg.aux_rows,
+                      "field_mask_rate": cfg.field_mask_rate,
                       "pretrain": asdict(cfg.pretrain) if cfg.model_type == "dgenctr" else None, "world_size": ctx.world},
             "data": {"dir": str(Path(cfg.data).resolve()), "spec": cfg.spec, "rows": {s: len(e) for s, e in splits.items()},
                      "max_rows": cfg.max_rows, "fingerprint": data_fingerprint(cfg.data)},

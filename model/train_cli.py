@@ -72,6 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--aux-weight", type=float, default=0.0,
                    help="keep stage 1's masked-field loss in stage 2 at this weight (joint fine-tuning; 0: off)")
     d.add_argument("--aux-rows", type=int, default=256, help="rows of each batch the auxiliary loss sees (0: all)")
+    d.add_argument("--field-mask-rate", type=float, default=0.0,
+                   help="stage 2: replace each field by its [MASK] embedding with this probability while training (0: off)")
     d.add_argument("--pretrain-epochs", type=int, default=None)
     d.add_argument("--pretrain-batch-size", type=int, default=None)
     d.add_argument("--pretrain-lr", type=float, default=None, help="AdamW learning rate")
@@ -116,7 +118,7 @@ def build_run_config(args: argparse.Namespace):  # -> model.pipeline.RunConfig
         model_type=args.model, spec=args.spec, data=args.data, out=args.out, seed=args.seed, model=overrides,
         train=train, pretrain=pre, pretrain_mode=args.pretrain_mode, pretrained=args.pretrained,
         transfer_lr_scale=args.transfer_lr_scale, embedding_l2_anchor=args.embedding_l2_anchor,
-        aux_weight=args.aux_weight, aux_rows=args.aux_rows,
+        aux_weight=args.aux_weight, aux_rows=args.aux_rows, field_mask_rate=args.field_mask_rate,
         max_rows=args.max_rows, threads=args.threads,
     )
 

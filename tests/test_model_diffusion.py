@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from model.diffusion import (
-    JointObjective,
+    FineTuneObjective,
     PretrainConfig,
     PretrainObjective,
     mask_prob,
@@ -136,6 +136,24 @@ def test_body_transfer_starts_the_label_head_fresh():
         transfer(other.state_dict(), fine, "body")
 
 
+def test_field_masked_fine_tuning_reads_the_click_through_stage_ones_mask_embeddings():
+    model = DGenCTR([20, 30, 12], DGenCTRConfig(d_model=16, layers=1, heads=2))
+    tokens = torch.randint(3, 12, (4096, 3))
+    labels = (torch.rand(4096) < 0.3).float()
+    loss, stats = FineTuneObjective(model, PretrainConfig(), seed=5, field_mask_rate=0.25)(tokens, labels)
+
+    # The same seeded draw: fields masked at the rate, the label always, read through hidden().
+    mask = torch.rand(4096, 4, generator=torch.Generator().manual_seed(5)) < 0.25
+    assert abs(mask[:, :3].float().mean().item() - 0.25) < 0.01
+    mask[:, -1] = True
+    expected = F.binary_cross_entropy_with_logits(model.label_logit(model.hidden(tokens, None, mask)), labels)
+    assert torch.isclose(loss, expected) and stats == {}
+    assert not torch.isclose(loss, F.binary_cross_entropy_with_logits(model(tokens), labels))
+
+    plain, _ = FineTuneObjective(model, PretrainConfig(), seed=5)(tokens, labels)  # rate 0: the scoring view itself
+    assert torch.equal(plain, F.binary_cross_entropy_with_logits(model(tokens), labels))
+
+
 def test_joint_objective_adds_field_reconstruction_but_keeps_the_label_head_on_the_scoring_view():
     model = DGenCTR([20, 30, 12], DGenCTRConfig(d_model=16, layers=1, heads=2, head_hidden=[8], head_batch_norm=True))
     tokens = torch.randint(3, 12, (32, 3))
@@ -143,7 +161,7 @@ def test_joint_objective_adds_field_reconstruction_but_keeps_the_label_head_on_t
     bn = next(m for m in model.label_head.modules() if isinstance(m, torch.nn.BatchNorm1d))
     head = list(model.label_head.parameters())
 
-    loss, stats = JointObjective(model, PretrainConfig(num_negatives=8), weight=0.5, rows=16, seed=0)(tokens, labels)
+    loss, stats = FineTuneObjective(model, PretrainConfig(num_negatives=8), seed=0, aux_weight=0.5, aux_rows=16)(tokens, labels)
     assert torch.isclose(loss, stats["bce"] + 0.5 * stats["aux"]) and stats["aux"] > 0
     assert bn.num_batches_tracked.item() == 1  # the head ran on the scoring view only
     joint_grads = torch.autograd.grad(loss, [*head, model.gen_w], allow_unused=True)

@@ -138,7 +138,7 @@ def test_embedding_l2_can_anchor_at_the_pretrained_table(tmp_path, synth_dir):
     assert drift["pretrained"] < 0.5 * drift["zero"], drift
 
 
-def test_joint_stage_two_logs_both_losses_and_records_its_weight(tmp_path, synth_dir):
+def test_regularised_stage_two_logs_its_losses_and_records_its_settings(tmp_path, synth_dir):
     base = [*TINY, "--epochs", "2", "--pretrain-epochs", "1", *SMALL_DGENCTR]
     plain = _train(tmp_path / "plain", synth_dir, "dgenctr", *base, "--pretrain-mode", "none")
     joint = _train(tmp_path / "joint", synth_dir, "dgenctr", *base, "--pretrain-mode", "none", "--aux-weight", "0.3",
@@ -152,6 +152,11 @@ def test_joint_stage_two_logs_both_losses_and_records_its_weight(tmp_path, synth
     assert joint["test"] != plain["test"]
     config = json.loads((tmp_path / "joint" / "dgenctr" / "config.json").read_text())
     assert config["train"]["aux_weight"] == 0.3 and config["train"]["aux_rows"] == 64
+
+    masked = _train(tmp_path / "fmask", synth_dir, "dgenctr", *base, "--pretrain-mode", "none", "--field-mask-rate", "0.2")
+    assert masked["variant"] == "dgenctr-scratch-fmask" and masked["test"] != plain["test"]
+    config = json.loads((tmp_path / "fmask" / "dgenctr" / "config.json").read_text())
+    assert config["train"]["field_mask_rate"] == 0.2
 
 
 def test_param_groups_scale_only_the_named_parameters():
@@ -173,6 +178,8 @@ def test_param_groups_scale_only_the_named_parameters():
         (["--model", "dgenctr", "--pretrain-mode", "none", "--transfer-lr-scale", "0.1"], "needs a DGenCTR run that transfers"),
         (["--embedding-l2-anchor", "pretrained"], "needs a DGenCTR run that transfers"),
         (["--aux-weight", "0.1"], "needs a DGenCTR run"),
+        (["--field-mask-rate", "0.1"], "needs a DGenCTR run"),
+        (["--model", "dgenctr", "--field-mask-rate", "1"], "a value in [0, 1)"),
         (["--data", "/no/such/dir"], "data directory not found"),
         (["--model-opt", "bogus=1"], "no option"),
         (["--spec", "no_such_spec"], "not found"),
