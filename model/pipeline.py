@@ -23,7 +23,7 @@ from model.readers import DataError
 from model.readers import data_fingerprint
 from model.run_io import save_run, save_weights
 from model.spec import FeatureSpec
-from model.trainer import DistContext, TrainConfig, evaluate_split, fit_supervised, init_distributed, run_fixed_epochs, seed_everything, set_threads
+from model.trainer import BCEObjective, DistContext, TrainConfig, evaluate_split, fit_supervised, init_distributed, run_fixed_epochs, seed_everything, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,9 @@ class RunConfig:
     # computed on a second, diffusion-masked view of each batch's first `aux_rows` rows (0: all).
     aux_weight: float = 0.0
     aux_rows: int = 256
-    # DGenCTR only: probability that stage 2 replaces a field by its [MASK] embedding while
-    # training (0: off); scoring always sees every field.
+    # Probability that training replaces a field by its [MASK] (0: off): DGenCTR's stage 2 uses
+    # the learned [MASK] embeddings of stage 1, a baseline its table's reserved MASK_ID row.
+    # Scoring always sees every field.
     field_mask_rate: float = 0.0
     pretrained: str | None = None  # a stage-1 checkpoint (safetensors) to reuse instead of running stage 1
     max_rows: int | None = None  # cap every split (smoke runs)
@@ -100,8 +101,8 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError("embedding_l2_anchor 'pretrained' needs a DGenCTR run that transfers stage 1's embedding table")
     if cfg.aux_weight < 0 or cfg.aux_rows < 0 or (cfg.aux_weight > 0 and cfg.model_type != "dgenctr"):
         raise ValueError(f"aux_weight {cfg.aux_weight} (rows {cfg.aux_rows}) needs a DGenCTR run and values >= 0")
-    if not 0 <= cfg.field_mask_rate < 1 or (cfg.field_mask_rate > 0 and cfg.model_type != "dgenctr"):
-        raise ValueError(f"field_mask_rate {cfg.field_mask_rate} needs a DGenCTR run and a value in [0, 1)")
+    if not 0 <= cfg.field_mask_rate < 1:
+        raise ValueError(f"field_mask_rate {cfg.field_mask_rate} must be in [0, 1)")
     if not Path(cfg.data).is_dir():
         raise DataError(f"data directory not found: {cfg.data}")
     if cfg.pretrained and not Path(cfg.pretrained).exists():
@@ -183,9 +184,12 @@ def train_run(cfg: RunConfig, ctx: DistContext | None = None) -> dict[str, Any]:
     if cfg.embedding_l2_anchor == "pretrained":
         anchor = model.embedding.table.weight.detach().clone()
     objective = None
-    if cfg.aux_weight > 0 or cfg.field_mask_rate > 0:
-        objective = FineTuneObjective(model, cfg.pretrain, seed=cfg.seed * 7919 + 1 + ctx.rank, field_mask_rate=cfg.field_mask_rate,
+    mask_seed = cfg.seed * 7919 + 1 + ctx.rank
+    if cfg.model_type == "dgenctr" and (cfg.aux_weight > 0 or cfg.field_mask_rate > 0):
+        objective = FineTuneObjective(model, cfg.pretrain, seed=mask_seed, field_mask_rate=cfg.field_mask_rate,
                                       aux_weight=cfg.aux_weight, aux_rows=cfg.aux_rows)
+    elif cfg.field_mask_rate > 0:
+        objective = BCEObjective(model, cfg.field_mask_rate, seed=mask_seed)
     seed_everything(cfg.seed + ctx.rank)  # dropout streams differ per rank; weights are DDP-broadcast
     fit = fit_supervised(model, splits["train"], splits["valid"], cfg.train, ctx, stage="finetune" if pre_info else "train",
                          objective=objective,

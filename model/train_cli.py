@@ -24,6 +24,16 @@ def _kv_option(text: str) -> tuple[str, Any]:
     return key.strip().replace("-", "_"), value
 
 
+def _epoch_list(text: str) -> list[int]:
+    try:
+        epochs = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected epochs like 10 or 10,15, got '{text}'") from None
+    if not epochs or min(epochs) < 1 or epochs != sorted(set(epochs)):
+        raise argparse.ArgumentTypeError(f"expected increasing epochs >= 1, got '{text}'")
+    return epochs
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
@@ -45,6 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--embedding-l2", type=float, default=None, help="FuxiCTR embedding_regularizer: + L2/2 * ||E||^2 each step (e.g. 0.05)")
     t.add_argument("--patience", type=int, default=None, help="epochs without a valid-AUC gain before stopping")
     t.add_argument("--lr-patience", type=int, default=None, help="extra epochs without a gain before the LR is divided by 10")
+    t.add_argument("--lr-decay-epochs", type=_epoch_list, default=None, metavar="E[,E...]",
+                   help="divide the LR by 10 after these epochs instead of on a plateau; early stopping waits for the last")
+    t.add_argument("--field-mask-rate", type=float, default=0.0,
+                   help="replace each field by its [MASK] with this probability while training (input dropout; 0: off)")
     t.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke runs); 0 = all")
     t.add_argument("--max-rows", type=int, default=None, help="use only the first N rows of each split")
     t.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / processes)")
@@ -72,8 +86,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--aux-weight", type=float, default=0.0,
                    help="keep stage 1's masked-field loss in stage 2 at this weight (joint fine-tuning; 0: off)")
     d.add_argument("--aux-rows", type=int, default=256, help="rows of each batch the auxiliary loss sees (0: all)")
-    d.add_argument("--field-mask-rate", type=float, default=0.0,
-                   help="stage 2: replace each field by its [MASK] embedding with this probability while training (0: off)")
     d.add_argument("--pretrain-epochs", type=int, default=None)
     d.add_argument("--pretrain-batch-size", type=int, default=None)
     d.add_argument("--pretrain-lr", type=float, default=None, help="AdamW learning rate")
@@ -106,7 +118,8 @@ def build_run_config(args: argparse.Namespace):  # -> model.pipeline.RunConfig
     batch_size = args.batch_size or (1024 if args.model == "dgenctr" else 4096)
     train = TrainConfig(
         **_given(args, {"epochs": "epochs", "lr": "lr", "weight_decay": "weight_decay", "embedding_l2": "embedding_l2",
-                        "patience": "patience", "lr_patience": "lr_patience", "max_steps_per_epoch": "max_steps_per_epoch"}),
+                        "patience": "patience", "lr_patience": "lr_patience", "max_steps_per_epoch": "max_steps_per_epoch",
+                        "lr_decay_epochs": "lr_decay_epochs"}),
         batch_size=batch_size, seed=args.seed, progress=not args.no_progress,
     )
     pre = PretrainConfig(

@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from model.data import EncodedSplit, epoch_batches
+from model.spec import MASK_ID
 from model.logs import kv
 from model.metrics import evaluate
 
@@ -48,6 +49,11 @@ class TrainConfig:
     patience: int = 2  # epochs without a valid-AUC gain before stopping
     lr_decay: float = 0.1
     lr_patience: int = 0  # 0: divide the LR on the first epoch without a gain (FuxiCTR)
+    # Divide the LR after these epochs instead of on a plateau (empty: plateau). A plateau
+    # decay fires on one noisy epoch, so on slow learners (field-masked DGenCTR) it moved the
+    # best epoch by up to ten between seeds; a fixed schedule takes that noise out. Only epochs
+    # after the last of them count towards `patience`, so the schedule always runs.
+    lr_decay_epochs: list[int] = field(default_factory=list)
     min_lr: float = 1e-6
     grad_clip: float = 10.0
     eval_batch_size: int = 16384
@@ -105,13 +111,25 @@ def seed_everything(seed: int) -> None:
 
 # ---------------------------------------------------------------------- objectives
 class BCEObjective(nn.Module):
-    """Click loss on `model(tokens)`: every baseline, and DGenCTR stage 2 (label masked in forward)."""
+    """Click loss on `model(tokens)`: every baseline, and DGenCTR stage 2 (label masked in forward).
 
-    def __init__(self, model: nn.Module) -> None:
+    `field_mask_rate` p > 0 is the baselines' side of DGenCTR's field-masked stage 2
+    (`FineTuneObjective`): while training, each field's token becomes its reserved [MASK] id
+    with probability p, so the shared table learns a per-field "missing" row just as DGenCTR
+    learns its [MASK] embeddings. Without it, a DGenCTR gain from masking could not be told
+    apart from plain input dropout, which any network can have. Scoring never sees MASK_ID.
+    """
+
+    def __init__(self, model: nn.Module, field_mask_rate: float = 0.0, seed: int = 0) -> None:
         super().__init__()
         self.model = model
+        self.field_mask_rate = field_mask_rate
+        self.generator = torch.Generator().manual_seed(seed)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.field_mask_rate > 0:
+            mask = torch.rand(tokens.shape, generator=self.generator) < self.field_mask_rate
+            tokens = tokens.masked_fill(mask.to(tokens.device), MASK_ID)
         loss = F.binary_cross_entropy_with_logits(self.model(tokens), labels)
         return loss, {}
 
@@ -285,9 +303,14 @@ def fit_supervised(
     objective = objective or BCEObjective(model)
     wrapped = _wrap(objective, ctx)
     optimizer = torch.optim.Adam(param_groups(model, cfg.lr, scaled, lr_scale), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="max", factor=cfg.lr_decay, patience=cfg.lr_patience, min_lr=cfg.min_lr
-    )
+    fixed = bool(cfg.lr_decay_epochs)
+    scheduler: Any
+    if fixed:
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.lr_decay_epochs, gamma=cfg.lr_decay)
+    else:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=cfg.lr_decay, patience=cfg.lr_patience, min_lr=cfg.min_lr
+        )
     best_auc, best_epoch, best_state, wait = -1.0, -1, copy.deepcopy(model.state_dict()), 0
     best_valid: dict[str, float] = {}
     history: list[dict[str, Any]] = []
@@ -305,8 +328,13 @@ def fit_supervised(
             best_valid = valid_m
         else:
             wait += 1
-        scheduler.step(valid_m["auc"])
-        stop = _broadcast_flag(wait >= cfg.patience, ctx)
+        if fixed:
+            scheduler.step()
+        else:
+            scheduler.step(valid_m["auc"])
+        # Under a fixed schedule only epochs at the final LR count towards patience.
+        counted = min(wait, epoch + 1 - cfg.lr_decay_epochs[-1]) if fixed else wait
+        stop = _broadcast_flag(counted >= cfg.patience, ctx)
         row = {"epoch": epoch + 1, "stage": stage, "train_loss": out["loss"], "valid_auc": valid_m["auc"],
                "valid_logloss": valid_m["logloss"], "lr": lr, "seconds": time.perf_counter() - t0}
         # An objective's scalar stats (a joint objective's parts) as per-step means over all ranks.

@@ -49,6 +49,33 @@ def test_dgenctr_head_dropout_is_apart_from_the_encoders():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["dnn", "deepfm", "dcnv2"])
+def test_baseline_field_masking_trains_on_each_fields_mask_row_and_scores_on_every_field(model_type):
+    import torch.nn.functional as F
+
+    from model.spec import MASK_ID
+    from model.trainer import BCEObjective
+
+    torch.manual_seed(0)
+    model = build_model(model_type, {"dropout": 0.0, "batch_norm": False}, VOCAB)
+    tokens = torch.stack([torch.randint(3, v, (4096,)) for v in VOCAB], dim=1)
+    labels = (torch.rand(4096) < 0.3).float()
+    loss, stats = BCEObjective(model, field_mask_rate=0.25, seed=5)(tokens, labels)
+
+    # The same seeded draw: each field's token becomes MASK_ID (its own row of the table) at the rate.
+    mask = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(5)) < 0.25
+    assert abs(mask.float().mean().item() - 0.25) < 0.01
+    expected = F.binary_cross_entropy_with_logits(model(tokens.masked_fill(mask, MASK_ID)), labels)
+    assert torch.isclose(loss, expected) and stats == {}
+    loss.backward()
+    table = model.embedding.table.weight.grad
+    mask_rows = model.embedding.offsets + MASK_ID
+    assert table[mask_rows].abs().sum(dim=1).gt(0).all()  # every field's [MASK] row is trained
+
+    plain, _ = BCEObjective(model, seed=5)(tokens, labels)  # rate 0: the scoring view itself
+    assert torch.equal(plain, F.binary_cross_entropy_with_logits(model(tokens), labels))
+
+
 def test_dgenctr_exports_to_onnx_with_dynamic_batch(tmp_path):
     import onnxruntime as ort
 

@@ -159,6 +159,40 @@ def test_regularised_stage_two_logs_its_losses_and_records_its_settings(tmp_path
     assert config["train"]["field_mask_rate"] == 0.2
 
 
+def test_baselines_take_the_field_mask_too(tmp_path, synth_dir):
+    base = [*TINY, "--epochs", "2", "--batch-size", "256", "--hidden", "32,32", "--no-progress"]
+    plain = _train(tmp_path / "plain", synth_dir, "dnn", *base)
+    masked = _train(tmp_path / "fmask", synth_dir, "dnn", *base, "--field-mask-rate", "0.2")
+    assert masked["variant"] == "dnn-fmask" and masked["test"] != plain["test"]
+    config = json.loads((tmp_path / "fmask" / "dnn" / "config.json").read_text())
+    assert config["train"]["field_mask_rate"] == 0.2
+
+
+def test_fixed_lr_schedule_decays_at_its_epochs_and_holds_off_early_stopping(tmp_path, synth_dir):
+    base = [*TINY, "--batch-size", "256", "--hidden", "32,32", "--no-progress", "--patience", "1"]
+    fixed = _train(tmp_path / "fixed", synth_dir, "dnn", *base, "--epochs", "4", "--lr-decay-epochs", "1,3")
+    assert [row["lr"] for row in fixed["history"]] == pytest.approx([1e-3, 1e-4, 1e-4, 1e-5])
+    config = json.loads((tmp_path / "fixed" / "dnn" / "config.json").read_text())
+    assert config["train"]["lr_decay_epochs"] == [1, 3]
+
+    # With a zero LR no epoch improves on the first: the plateau run stops after `patience`
+    # more epochs, the fixed one only after `patience` epochs past its last decay.
+    # (No BatchNorm: its running statistics would still move.)
+    frozen = [*base, "--epochs", "8", "--lr", "0", "--model-opt", "batch_norm=false"]
+    plateau = _train(tmp_path / "p0", synth_dir, "dnn", *frozen)
+    held = _train(tmp_path / "f0", synth_dir, "dnn", *frozen, "--lr-decay-epochs", "4")
+    assert len(plateau["history"]) == 2 and len(held["history"]) == 5
+
+
+@pytest.mark.parametrize("value", ["0", "3,2", "2,2", "x"])
+def test_lr_decay_epochs_must_be_increasing_positive_epochs(tmp_path, synth_dir, capsys, value):
+    argv = ["train", "--spec", "synthetic", "--data", str(synth_dir), "--model", "dnn", "--out", str(tmp_path / "r"),
+            "--lr-decay-epochs", value]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and "--lr-decay-epochs" in capsys.readouterr().err
+
+
 def test_param_groups_scale_only_the_named_parameters():
     from model.trainer import param_groups
 
@@ -178,8 +212,7 @@ def test_param_groups_scale_only_the_named_parameters():
         (["--model", "dgenctr", "--pretrain-mode", "none", "--transfer-lr-scale", "0.1"], "needs a DGenCTR run that transfers"),
         (["--embedding-l2-anchor", "pretrained"], "needs a DGenCTR run that transfers"),
         (["--aux-weight", "0.1"], "needs a DGenCTR run"),
-        (["--field-mask-rate", "0.1"], "needs a DGenCTR run"),
-        (["--model", "dgenctr", "--field-mask-rate", "1"], "a value in [0, 1)"),
+        (["--field-mask-rate", "1"], "must be in [0, 1)"),
         (["--data", "/no/such/dir"], "data directory not found"),
         (["--model-opt", "bogus=1"], "no option"),
         (["--spec", "no_such_spec"], "not found"),
