@@ -103,6 +103,10 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"aux_weight {cfg.aux_weight} (rows {cfg.aux_rows}) needs a DGenCTR run and values >= 0")
     if not 0 <= cfg.field_mask_rate < 1:
         raise ValueError(f"field_mask_rate {cfg.field_mask_rate} must be in [0, 1)")
+    decays = cfg.train.lr_decay_epochs
+    if decays and (decays[-1] >= cfg.train.epochs or cfg.train.lr_patience > 0):
+        raise ValueError(f"lr_decay_epochs {decays} must all come before the last epoch ({cfg.train.epochs}) "
+                         "and replace the plateau decay (no lr_patience)")
     if not Path(cfg.data).is_dir():
         raise DataError(f"data directory not found: {cfg.data}")
     if cfg.pretrained and not Path(cfg.pretrained).exists():

@@ -213,6 +213,8 @@ def test_param_groups_scale_only_the_named_parameters():
         (["--embedding-l2-anchor", "pretrained"], "needs a DGenCTR run that transfers"),
         (["--aux-weight", "0.1"], "needs a DGenCTR run"),
         (["--field-mask-rate", "1"], "must be in [0, 1)"),
+        (["--epochs", "5", "--lr-decay-epochs", "5"], "must all come before the last epoch"),
+        (["--lr-decay-epochs", "3", "--lr-patience", "1"], "no lr_patience"),
         (["--data", "/no/such/dir"], "data directory not found"),
         (["--model-opt", "bogus=1"], "no option"),
         (["--spec", "no_such_spec"], "not found"),
