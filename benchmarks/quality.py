@@ -83,16 +83,22 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         auc_m, auc_s = ms([r["test"]["auc"] for r in rs])
         ll_m, ll_s = ms([r["test"]["logloss"] for r in rs])
         t_m, _ = ms([r["seconds"] for r in rs])
-        table[variant] = {"seeds": [r["seed"] for r in rs], "test_auc_mean": auc_m, "test_auc_std": auc_s,
+        cal = [r["calibrated_test"]["logloss"] for r in rs if r.get("calibrated_test")]
+        table[variant] = {"calibrated_test_logloss_mean": statistics.fmean(cal) if len(cal) == len(rs) else None,
+                          "seeds": [r["seed"] for r in rs], "test_auc_mean": auc_m, "test_auc_std": auc_s,
                           "test_logloss_mean": ll_m, "test_logloss_std": ll_s, "train_seconds_mean": t_m,
                           "valid_auc_mean": statistics.fmean(r["valid"]["auc"] for r in rs),
                           "test_gauc_mean": statistics.fmean(r["test"]["gauc"] for r in rs)}
     return table
 
 
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.5f}"
+
+
 def print_table(table: dict[str, dict[str, Any]], reference: bool, bayes: float | None = None) -> str:
     lines = []
-    head = f"{'model':<20} {'test AUC (mean ± std)':>24} {'test logloss':>22} {'train s':>9}"
+    head = f"{'model':<20} {'test AUC (mean ± std)':>24} {'test logloss':>22} {'calibrated':>10} {'train s':>9}"
     if reference:
         head += f" {'published AUC':>14} {'published logloss':>18}"
     if bayes is not None:
@@ -100,7 +106,8 @@ def print_table(table: dict[str, dict[str, Any]], reference: bool, bayes: float 
     lines += [head, "-" * len(head)]
     for variant, row in table.items():
         line = (f"{variant:<20} {row['test_auc_mean']:>14.5f} ± {row['test_auc_std']:.5f} "
-                f"{row['test_logloss_mean']:>12.5f} ± {row['test_logloss_std']:.5f} {row['train_seconds_mean']:>9.0f}")
+                f"{row['test_logloss_mean']:>12.5f} ± {row['test_logloss_std']:.5f} "
+                f"{_num(row.get('calibrated_test_logloss_mean')):>10} {row['train_seconds_mean']:>9.0f}")
         if reference:
             ref = REFERENCE.get(variant)
             line += f" {ref[0]:>14.6f} {ref[1]:>18.6f}" if ref else f" {'':>14} {'':>18}"
@@ -237,6 +244,7 @@ def main() -> int:
             if pretrained and shared_pre:
                 seconds += shared_pre[1]  # the shared stage 1 counts for this variant too
             results.append({"variant": variant, "seed": seed, "valid": m["valid"], "test": m["test"], "seconds": seconds,
+                            "calibrated_test": m.get("calibrated", {}).get("test"),
                             "best_epoch": m["best_epoch"], "epochs_run": len(m["history"])})
             done = len(results)
             elapsed = time.perf_counter() - started

@@ -304,6 +304,8 @@ def export_model(
             "exporter_version": exporter_version(),
             "torch_version": torch.__version__,
             "source_run": source_run,
+            # The post-hoc map already inside the graph (None: raw network probabilities).
+            "calibration": config.get("calibration"),
         }
         if variant_parity is not None:
             metadata["variant_parity"] = variant_parity.as_dict()

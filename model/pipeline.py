@@ -13,9 +13,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from model.data import load_encoded
+from model.calibration import CALIBRATION_METHODS, PlattScaling, fit_platt
+from model.data import EncodedSplit, load_encoded
+from model.metrics import evaluate
 from model.diffusion import FineTuneObjective, PretrainConfig, PretrainObjective, reconstruction_report, transfer
 from model.logs import kv
 from model.networks import MODELS, build_model, model_config
@@ -23,7 +26,7 @@ from model.readers import DataError
 from model.readers import data_fingerprint
 from model.run_io import save_run, save_weights
 from model.spec import FeatureSpec
-from model.trainer import BCEObjective, DistContext, TrainConfig, evaluate_split, fit_supervised, init_distributed, run_fixed_epochs, seed_everything, set_threads
+from model.trainer import BCEObjective, DistContext, TrainConfig, fit_supervised, split_logits, init_distributed, run_fixed_epochs, seed_everything, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,10 @@ class RunConfig:
     # the learned [MASK] embeddings of stage 1, a baseline its table's reserved MASK_ID row.
     # Scoring always sees every field.
     field_mask_rate: float = 0.0
+    # Post-hoc calibration fitted on the validation logits after training ("none": off).
+    # metrics.json's "valid"/"test" stay the raw network's (comparable with published numbers);
+    # "calibrated" holds the fit and its metrics, and the exported model scores calibrated.
+    calibration: str = "platt"
     pretrained: str | None = None  # a stage-1 checkpoint (safetensors) to reuse instead of running stage 1
     max_rows: int | None = None  # cap every split (smoke runs)
     threads: int = 0  # torch threads per rank; 0 = cores / ranks
@@ -101,6 +108,8 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError("embedding_l2_anchor 'pretrained' needs a DGenCTR run that transfers stage 1's embedding table")
     if cfg.aux_weight < 0 or cfg.aux_rows < 0 or (cfg.aux_weight > 0 and cfg.model_type != "dgenctr"):
         raise ValueError(f"aux_weight {cfg.aux_weight} (rows {cfg.aux_rows}) needs a DGenCTR run and values >= 0")
+    if cfg.calibration not in CALIBRATION_METHODS:
+        raise ValueError(f"unknown calibration '{cfg.calibration}' (choose from {', '.join(CALIBRATION_METHODS)})")
     if not 0 <= cfg.field_mask_rate < 1:
         raise ValueError(f"field_mask_rate {cfg.field_mask_rate} must be in [0, 1)")
     decays = cfg.train.lr_decay_epochs
@@ -200,8 +209,10 @@ def train_run(cfg: RunConfig, ctx: DistContext | None = None) -> dict[str, Any]:
                          scaled=[k for k in copied if not k.startswith("embedding.")], lr_scale=cfg.transfer_lr_scale,
                          embedding_anchor=anchor)
     train_seconds = time.perf_counter() - start
-    valid_m = evaluate_split(model, splits["valid"], ctx, cfg.train.eval_batch_size)
-    test_m = evaluate_split(model, splits["test"], ctx, cfg.train.eval_batch_size) if "test" in splits else {}
+    logits = {s: split_logits(model, splits[s], ctx, cfg.train.eval_batch_size) for s in ("valid", "test") if s in splits}
+    valid_m = _metrics(splits["valid"], logits["valid"])
+    test_m = _metrics(splits["test"], logits["test"]) if "test" in logits else {}
+    calibration = fit_platt(logits["valid"], splits["valid"].labels.numpy()) if cfg.calibration == "platt" else None
     metrics: dict[str, Any] = {
         "model": cfg.model_type,
         "variant": cfg.variant(),
@@ -215,6 +226,9 @@ def train_run(cfg: RunConfig, ctx: DistContext | None = None) -> dict[str, Any]:
     }
     if pre_info is not None:
         metrics["pretrain"] = pre_info
+    if calibration is not None:
+        metrics["calibrated"] = {**calibration.to_dict(),
+                                 **{s: _metrics(splits[s], logits[s], calibration) for s in logits}}
     if ctx.is_main:
         config = {
             "model_type": cfg.model_type,
@@ -227,8 +241,20 @@ def train_run(cfg: RunConfig, ctx: DistContext | None = None) -> dict[str, Any]:
             "data": {"dir": str(Path(cfg.data).resolve()), "spec": cfg.spec, "rows": {s: len(e) for s, e in splits.items()},
                      "max_rows": cfg.max_rows, "fingerprint": data_fingerprint(cfg.data)},
             "variant": cfg.variant(),
+            "calibration": None if calibration is None else calibration.to_dict(),
         }
         save_run(cfg.out, model.cpu(), spec, config, metrics)
         log.info("train_done %s", kv(model=cfg.variant(), out=cfg.out, valid_auc=valid_m["auc"], test_auc=test_m.get("auc"),
-                                      test_logloss=test_m.get("logloss"), seconds=round(train_seconds, 1)))
+                                      test_logloss=test_m.get("logloss"),
+                                      calibrated_test_logloss=metrics.get("calibrated", {}).get("test", {}).get("logloss"),
+                                      seconds=round(train_seconds, 1)))
     return metrics
+
+
+def _metrics(split: EncodedSplit, logits: np.ndarray, calibration: PlattScaling | None = None) -> dict[str, float]:
+    """In float32 torch, as `Calibrated` and the exported graph compute it, so the numbers here
+    are the served model's (float64 would un-saturate probabilities that serving rounds to 1)."""
+    z = torch.from_numpy(np.asarray(logits, dtype=np.float32))
+    if calibration is not None:
+        z = z * torch.tensor(calibration.scale, dtype=torch.float32) + torch.tensor(calibration.bias, dtype=torch.float32)
+    return evaluate(split.labels.numpy(), torch.sigmoid(z).numpy(), split.groups)

@@ -4,12 +4,14 @@
 RUN_DIR/
   model.safetensors    state_dict (safetensors: nothing is unpickled on load)
   feature_spec.json    the fitted FeatureSpec
-  config.json          {"model_type", "model": {...}, "train": {...}, "data": {...}}
+  config.json          {"model_type", "model": {...}, "train": {...}, "data": {...},
+                        "calibration": {"method": "platt", "scale", "bias", ...} or null}
   metrics.json         {"model", "valid": {...}, "test": {...}, "train_seconds"}
 ```
 
 Everything needed to rebuild the network is in these four files, so export needs nothing
-else: `load_run` rebuilds the model from config.json and the spec's vocabulary sizes.
+else: `load_run` rebuilds the model from config.json and the spec's vocabulary sizes, and wraps
+it in its post-hoc calibration when the run fitted one (`model.calibration`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from model.calibration import Calibrated, PlattScaling
 from model.networks import MODELS, build_model
 from model.spec import FeatureSpec
 
@@ -37,7 +40,7 @@ METRICS = "metrics.json"
 
 @dataclass
 class LoadedRun:
-    model: nn.Module  # in eval mode
+    model: nn.Module  # in eval mode; `Calibrated` around the network when the run fitted a calibration
     spec: FeatureSpec  # fitted
     config: dict[str, Any]
     metrics: dict[str, Any]
@@ -104,6 +107,11 @@ def load_run(run_dir: str | Path, map_location: str = "cpu") -> LoadedRun:
     model = build_model(model_type, config.get("model", {}), spec.vocab_sizes)
     state = load_file(str(d / WEIGHTS), device=map_location)
     model.load_state_dict(state, strict=True)
+    if config.get("calibration"):
+        try:
+            model = Calibrated(model, PlattScaling.from_dict(config["calibration"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{d / CONFIG}: bad calibration {config['calibration']!r}: {exc}") from exc
     model.eval()
     metrics_path = d / METRICS
     metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.exists() else {}

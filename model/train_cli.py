@@ -59,6 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="divide the LR by 10 after these epochs instead of on a plateau; early stopping waits for the last")
     t.add_argument("--field-mask-rate", type=float, default=0.0,
                    help="replace each field by its [MASK] with this probability while training (input dropout; 0: off)")
+    t.add_argument("--calibration", choices=["platt", "none"], default="platt",
+                   help="post-hoc calibration fitted on the validation logits (the exported model scores with it; "
+                        "metrics.json keeps the raw numbers and adds 'calibrated')")
     t.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke runs); 0 = all")
     t.add_argument("--max-rows", type=int, default=None, help="use only the first N rows of each split")
     t.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / processes)")
@@ -132,7 +135,7 @@ def build_run_config(args: argparse.Namespace):  # -> model.pipeline.RunConfig
         train=train, pretrain=pre, pretrain_mode=args.pretrain_mode, pretrained=args.pretrained,
         transfer_lr_scale=args.transfer_lr_scale, embedding_l2_anchor=args.embedding_l2_anchor,
         aux_weight=args.aux_weight, aux_rows=args.aux_rows, field_mask_rate=args.field_mask_rate,
-        max_rows=args.max_rows, threads=args.threads,
+        calibration=args.calibration, max_rows=args.max_rows, threads=args.threads,
     )
 
 

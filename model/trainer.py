@@ -151,34 +151,43 @@ def _embedding_penalty(model: nn.Module, anchor: torch.Tensor | None = None) -> 
 
 # ---------------------------------------------------------------------- inference
 @torch.no_grad()
-def predict(model: nn.Module, tokens: torch.Tensor, batch_size: int = 16384, device: torch.device | None = None) -> np.ndarray:
+def predict_logits(model: nn.Module, tokens: torch.Tensor, batch_size: int = 16384, device: torch.device | None = None) -> np.ndarray:
+    """float32 logits; calibration is fitted on these, not on float32 probabilities, which
+    saturate at 1.0 for logits above ~17 and would lose exactly the over-confident rows."""
     was_training = model.training
     model.eval()
     out = []
     for chunk in torch.split(tokens, batch_size):
         if device is not None:
             chunk = chunk.to(device)
-        out.append(torch.sigmoid(model(chunk).float()).cpu())
+        out.append(model(chunk).float().cpu())
     model.train(was_training)
     return torch.cat(out).numpy() if out else np.empty(0, dtype=np.float32)
 
 
-def evaluate_split(model: nn.Module, split: EncodedSplit, ctx: DistContext, batch_size: int = 16384, with_gauc: bool = True) -> dict[str, float]:
-    """Metrics on a whole split; under DDP each rank predicts a contiguous shard and all gather."""
+def predict(model: nn.Module, tokens: torch.Tensor, batch_size: int = 16384, device: torch.device | None = None) -> np.ndarray:
+    return torch.sigmoid(torch.from_numpy(predict_logits(model, tokens, batch_size, device))).numpy()
+
+
+def split_logits(model: nn.Module, split: EncodedSplit, ctx: DistContext, batch_size: int = 16384) -> np.ndarray:
+    """Logits for a whole split; under DDP each rank predicts a contiguous shard and all gather."""
     n = len(split)
     if not ctx.distributed:
-        probs = predict(model, split.tokens, batch_size, ctx.device)
-    else:
-        per = -(-n // ctx.world)
-        lo, hi = min(n, ctx.rank * per), min(n, (ctx.rank + 1) * per)
-        local = torch.zeros(per, dtype=torch.float32)
-        local[: hi - lo] = torch.from_numpy(predict(model, split.tokens[lo:hi], batch_size, ctx.device))
-        gathered = [torch.zeros(per, dtype=torch.float32) for _ in range(ctx.world)]
-        if ctx.device.type == "cuda":
-            local = local.to(ctx.device)
-            gathered = [g.to(ctx.device) for g in gathered]
-        dist.all_gather(gathered, local)
-        probs = torch.cat([g.cpu() for g in gathered])[:n].numpy()
+        return predict_logits(model, split.tokens, batch_size, ctx.device)
+    per = -(-n // ctx.world)
+    lo, hi = min(n, ctx.rank * per), min(n, (ctx.rank + 1) * per)
+    local = torch.zeros(per, dtype=torch.float32)
+    local[: hi - lo] = torch.from_numpy(predict_logits(model, split.tokens[lo:hi], batch_size, ctx.device))
+    gathered = [torch.zeros(per, dtype=torch.float32) for _ in range(ctx.world)]
+    if ctx.device.type == "cuda":
+        local = local.to(ctx.device)
+        gathered = [g.to(ctx.device) for g in gathered]
+    dist.all_gather(gathered, local)
+    return torch.cat([g.cpu() for g in gathered])[:n].numpy()
+
+
+def evaluate_split(model: nn.Module, split: EncodedSplit, ctx: DistContext, batch_size: int = 16384, with_gauc: bool = True) -> dict[str, float]:
+    probs = torch.sigmoid(torch.from_numpy(split_logits(model, split, ctx, batch_size))).numpy()
     return evaluate(split.labels.numpy(), probs, split.groups, with_gauc=with_gauc)
 
 
