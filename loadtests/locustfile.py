@@ -82,10 +82,20 @@ def _generator(opts) -> TrafficGenerator:
         return _state["gen"]
 
 
+@events.init.add_listener
+def _preload(environment, runner=None, **_kw) -> None:
+    """Load the tables at init: locust starts the --run-time clock before test_start fires, so
+    loading them there spent the first seconds of a short run with no users spawned."""
+    from locust.runners import MasterRunner
+
+    if environment.parsed_options is not None and not isinstance(runner, MasterRunner):
+        _generator(environment.parsed_options)
+
+
 @events.test_start.add_listener
 def _on_start(environment, **_kw) -> None:
     opts = environment.parsed_options
-    _generator(opts)  # load the tables before the clock starts
+    _generator(opts)  # already loaded at init, except where init had no options
     _state["tally"] = VariantTally(forced=bool(opts.variant))
     _state["start"] = time.monotonic()
 
