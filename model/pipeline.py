@@ -90,8 +90,9 @@ class RunConfig:
 
     def variant(self) -> str:
         """The benchmark's name for this run: the model, its transfer mode, `-aux` for a joint
-        stage 2 and `-fmask` for a field-masked one."""
-        return self._base_variant() + ("-aux" if self.aux_weight > 0 else "") + ("-fmask" if self.field_mask_rate > 0 else "")
+        stage 2, `-fmask` for a field-masked one and `-ema` for one that keeps a weight average."""
+        return (self._base_variant() + ("-aux" if self.aux_weight > 0 else "") + ("-fmask" if self.field_mask_rate > 0 else "")
+                + ("-ema" if self.train.ema_decay > 0 else ""))
 
 
 def validate(cfg: RunConfig) -> None:
@@ -110,6 +111,8 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"aux_weight {cfg.aux_weight} (rows {cfg.aux_rows}) needs a DGenCTR run and values >= 0")
     if cfg.calibration not in CALIBRATION_METHODS:
         raise ValueError(f"unknown calibration '{cfg.calibration}' (choose from {', '.join(CALIBRATION_METHODS)})")
+    if not 0 <= cfg.train.ema_decay < 1:
+        raise ValueError(f"ema_decay {cfg.train.ema_decay} must be in [0, 1)")
     if not 0 <= cfg.field_mask_rate < 1:
         raise ValueError(f"field_mask_rate {cfg.field_mask_rate} must be in [0, 1)")
     decays = cfg.train.lr_decay_epochs

@@ -184,6 +184,52 @@ def test_fixed_lr_schedule_decays_at_its_epochs_and_holds_off_early_stopping(tmp
     assert len(plateau["history"]) == 2 and len(held["history"]) == 5
 
 
+def test_weight_average_is_the_ema_of_weights_and_buffers():
+    from model.trainer import WeightAverage
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    assert WeightAverage(net, 0.0).scored is net
+    avg = WeightAverage(net, 0.9)
+    w0 = net[0].weight.detach().clone()
+    avg.update()  # the first update copies
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+        net[1].running_mean.fill_(2.0)
+    avg.update()
+    assert avg.scored is not net
+    assert torch.allclose(avg.scored[0].weight, 0.9 * w0 + 0.1 * (w0 + 1.0))
+    assert torch.allclose(avg.scored[1].running_mean, torch.full((2,), 0.2))  # 0.9 * 0 + 0.1 * 2
+    with pytest.raises(ValueError, match="ema_decay"):
+        WeightAverage(net, 1.0)
+
+
+def test_ema_run_scores_and_keeps_the_averaged_weights(tmp_path, synth_dir):
+    from model.metrics import auc
+    from model.run_io import load_run
+    from model.trainer import predict
+
+    # A fixed LR schedule: a plateau decay would follow the averaged score and change the path.
+    base = [*TINY, "--epochs", "3", "--lr-decay-epochs", "2", "--batch-size", "256", "--hidden", "32,32", "--no-progress",
+            "--calibration", "none"]
+    plain = _train(tmp_path / "plain", synth_dir, "dnn", *base)
+    ema = _train(tmp_path / "ema", synth_dir, "dnn", *base, "--ema-decay", "0.5")
+    assert ema["variant"] == "dnn-ema" and plain["variant"] == "dnn"
+    # The optimiser's path is the same: the raw weights score as the plain run's did.
+    assert [r["valid_auc_raw"] for r in ema["history"]] == pytest.approx([r["valid_auc"] for r in plain["history"]])
+    assert "valid_auc_raw" not in plain["history"][0]
+    assert [r["valid_auc"] for r in ema["history"]] != [r["valid_auc"] for r in plain["history"]]
+    config = json.loads((tmp_path / "ema" / "dnn" / "config.json").read_text())
+    assert config["train"]["ema_decay"] == 0.5
+    # What the run keeps and saves is the average it validated, not the last raw weights.
+    best = max(r["valid_auc"] for r in ema["history"])
+    assert ema["valid"]["auc"] == pytest.approx(best, abs=1e-9)
+    run = load_run(tmp_path / "ema" / "dnn")
+    valid = pd.read_parquet(synth_dir / "valid.parquet").head(2000)
+    probs = predict(run.model, torch.from_numpy(run.spec.encode(valid)))
+    assert auc(valid["label"].to_numpy(), probs) == pytest.approx(best, abs=1e-6)
+
+
 @pytest.mark.parametrize("value", ["0", "3,2", "2,2", "x"])
 def test_lr_decay_epochs_must_be_increasing_positive_epochs(tmp_path, synth_dir, capsys, value):
     argv = ["train", "--spec", "synthetic", "--data", str(synth_dir), "--model", "dnn", "--out", str(tmp_path / "r"),
@@ -213,6 +259,7 @@ def test_param_groups_scale_only_the_named_parameters():
         (["--embedding-l2-anchor", "pretrained"], "needs a DGenCTR run that transfers"),
         (["--aux-weight", "0.1"], "needs a DGenCTR run"),
         (["--field-mask-rate", "1"], "must be in [0, 1)"),
+        (["--ema-decay", "1"], "ema_decay 1.0 must be in [0, 1)"),
         (["--epochs", "5", "--lr-decay-epochs", "5"], "must all come before the last epoch"),
         (["--lr-decay-epochs", "3", "--lr-patience", "1"], "no lr_patience"),
         (["--data", "/no/such/dir"], "data directory not found"),
