@@ -58,7 +58,7 @@ class TrainConfig:
     # Per-step decay of an exponential moving average of the weights (0: off). When on, the
     # average is what validation scores, what early stopping keeps and what the run exports:
     # field-masked training takes noisy steps, and an average over the last ~1/(1-decay) steps
-    # smooths that noise out of the weights without changing what the optimiser does. Its
+    # smooths that noise out of the weights; the optimiser still steps the raw ones. Its
     # buffers (BatchNorm statistics) are averaged too, so the model stays self-consistent.
     ema_decay: float = 0.0
     grad_clip: float = 10.0
