@@ -115,7 +115,11 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"ema_decay {cfg.train.ema_decay} must be in [0, 1)")
     if not 0 <= cfg.field_mask_rate < 1:
         raise ValueError(f"field_mask_rate {cfg.field_mask_rate} must be in [0, 1)")
+    if not 0 < cfg.train.lr_decay <= 1:
+        raise ValueError(f"lr_decay {cfg.train.lr_decay} must be in (0, 1] (1: a constant LR)")
     decays = cfg.train.lr_decay_epochs
+    if decays and cfg.train.lr_decay == 1:
+        raise ValueError("lr_decay_epochs needs an lr_decay below 1")
     if decays and (decays[-1] >= cfg.train.epochs or cfg.train.lr_patience > 0):
         raise ValueError(f"lr_decay_epochs {decays} must all come before the last epoch ({cfg.train.epochs}) "
                          "and replace the plateau decay (no lr_patience)")

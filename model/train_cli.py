@@ -55,6 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--embedding-l2", type=float, default=None, help="FuxiCTR embedding_regularizer: + L2/2 * ||E||^2 each step (e.g. 0.05)")
     t.add_argument("--patience", type=int, default=None, help="epochs without a valid-AUC gain before stopping")
     t.add_argument("--lr-patience", type=int, default=None, help="extra epochs without a gain before the LR is divided by 10")
+    t.add_argument("--lr-decay", type=float, default=None,
+                   help="factor each LR decay multiplies by (default 0.1; 1: a constant LR, e.g. with --ema-decay)")
     t.add_argument("--lr-decay-epochs", type=_epoch_list, default=None, metavar="E[,E...]",
                    help="divide the LR by 10 after these epochs instead of on a plateau; early stopping waits for the last")
     t.add_argument("--ema-decay", type=float, default=None,
@@ -125,7 +127,7 @@ def build_run_config(args: argparse.Namespace):  # -> model.pipeline.RunConfig
     train = TrainConfig(
         **_given(args, {"epochs": "epochs", "lr": "lr", "weight_decay": "weight_decay", "embedding_l2": "embedding_l2",
                         "patience": "patience", "lr_patience": "lr_patience", "max_steps_per_epoch": "max_steps_per_epoch",
-                        "lr_decay_epochs": "lr_decay_epochs", "ema_decay": "ema_decay"}),
+                        "lr_decay_epochs": "lr_decay_epochs", "ema_decay": "ema_decay", "lr_decay": "lr_decay"}),
         batch_size=batch_size, seed=args.seed, progress=not args.no_progress,
     )
     pre = PretrainConfig(

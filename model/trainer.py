@@ -47,7 +47,7 @@ class TrainConfig:
     # (BARS tunes Frappe baselines with 0.05 or 0.1; it matters more than most network choices).
     embedding_l2: float = 0.0
     patience: int = 2  # epochs without a valid-AUC gain before stopping
-    lr_decay: float = 0.1
+    lr_decay: float = 0.1  # the factor each decay multiplies the LR by; 1: never decay
     lr_patience: int = 0  # 0: divide the LR on the first epoch without a gain (FuxiCTR)
     # Divide the LR after these epochs instead of on a plateau (empty: plateau). A plateau
     # decay fires on one noisy epoch, so on slow learners (field-masked DGenCTR) it moved the
@@ -348,6 +348,8 @@ def fit_supervised(
     scheduler: Any
     if fixed:
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.lr_decay_epochs, gamma=cfg.lr_decay)
+    elif cfg.lr_decay >= 1.0:
+        scheduler = None  # a constant LR (a weight average can stand in for the decay)
     else:
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=cfg.lr_decay, patience=cfg.lr_patience, min_lr=cfg.min_lr
@@ -372,7 +374,7 @@ def fit_supervised(
             wait += 1
         if fixed:
             scheduler.step()
-        else:
+        elif scheduler is not None:
             scheduler.step(valid_m["auc"])
         # Under a fixed schedule only epochs at the final LR count towards patience.
         counted = min(wait, epoch + 1 - cfg.lr_decay_epochs[-1]) if fixed else wait

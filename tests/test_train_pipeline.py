@@ -175,6 +175,13 @@ def test_fixed_lr_schedule_decays_at_its_epochs_and_holds_off_early_stopping(tmp
     config = json.loads((tmp_path / "fixed" / "dnn" / "config.json").read_text())
     assert config["train"]["lr_decay_epochs"] == [1, 3]
 
+    # At LR 0.1 some epochs bring no gain, so the plateau decay fires; --lr-decay 1 keeps the LR.
+    six = [*base, "--epochs", "6", "--patience", "9", "--lr", "0.1"]
+    plateau = _train(tmp_path / "p", synth_dir, "dnn", *six)
+    constant = _train(tmp_path / "c", synth_dir, "dnn", *six, "--lr-decay", "1")
+    assert min(row["lr"] for row in plateau["history"]) < 0.1
+    assert [row["lr"] for row in constant["history"]] == [0.1] * 6
+
     # With a zero LR no epoch improves on the first: the plateau run stops after `patience`
     # more epochs, the fixed one only after `patience` epochs past its last decay.
     # (No BatchNorm: its running statistics would still move.)
@@ -260,6 +267,8 @@ def test_param_groups_scale_only_the_named_parameters():
         (["--aux-weight", "0.1"], "needs a DGenCTR run"),
         (["--field-mask-rate", "1"], "must be in [0, 1)"),
         (["--ema-decay", "1"], "ema_decay 1.0 must be in [0, 1)"),
+        (["--lr-decay", "0"], "lr_decay 0.0 must be in (0, 1]"),
+        (["--epochs", "5", "--lr-decay", "1", "--lr-decay-epochs", "2"], "needs an lr_decay below 1"),
         (["--epochs", "5", "--lr-decay-epochs", "5"], "must all come before the last epoch"),
         (["--lr-decay-epochs", "3", "--lr-patience", "1"], "no lr_patience"),
         (["--data", "/no/such/dir"], "data directory not found"),
