@@ -54,11 +54,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--weight-decay", type=float, default=None)
     t.add_argument("--embedding-l2", type=float, default=None, help="FuxiCTR embedding_regularizer: + L2/2 * ||E||^2 each step (e.g. 0.05)")
     t.add_argument("--patience", type=int, default=None, help="epochs without a valid-AUC gain before stopping")
-    t.add_argument("--lr-patience", type=int, default=None, help="extra epochs without a gain before the LR is divided by 10")
+    t.add_argument("--lr-patience", type=int, default=None, help="extra epochs without a gain before the LR decays (by --lr-decay)")
     t.add_argument("--lr-decay", type=float, default=None,
                    help="factor each LR decay multiplies by (default 0.1; 1: a constant LR, e.g. with --ema-decay)")
     t.add_argument("--lr-decay-epochs", type=_epoch_list, default=None, metavar="E[,E...]",
-                   help="divide the LR by 10 after these epochs instead of on a plateau; early stopping waits for the last")
+                   help="decay the LR (by --lr-decay) after these epochs instead of on a plateau; early stopping waits for the last")
     t.add_argument("--ema-decay", type=float, default=None,
                    help="score, early-stop on and keep an exponential moving average of the weights with this "
                         "per-step decay (e.g. 0.995; 0: off)")
