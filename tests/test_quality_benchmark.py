@@ -17,13 +17,13 @@ from model.train_cli import build_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
-# docs/results.md, tenth round: the commands behind #79 (DGenCTR) and #80 (DNN).
+# docs/results.md, eleventh round: the commands behind #81 (DGenCTR) and #82 (DNN).
 RECIPE_COMMANDS = {
     "dgenctr-masked": "--model dgenctr --batch-size 1024 --lr 1e-3 --embedding-l2 0.005 --d-model 64 --layers 2 --heads 4 "
                       "--dropout 0 --model-opt readout=concat --model-opt head_hidden=[400,400,400] "
                       "--model-opt head_batch_norm=true --model-opt head_dropout=0.2 --pretrain-mode none "
-                      "--field-mask-rate 0.2 --ema-decay 0.995 --lr-decay 1 --epochs 24 --patience 3",
-    "dnn-masked": "--model dnn --epochs 40 --patience 3 --lr-decay 1 --batch-size 4096 --lr 1e-3 --embedding-l2 0.05 "
+                      "--field-mask-rate 0.2 --ema-decay 0.995 --lr-decay 1 --epochs 40 --patience 6",
+    "dnn-masked": "--model dnn --epochs 40 --patience 6 --lr-decay 1 --batch-size 4096 --lr 1e-3 --embedding-l2 0.05 "
                   "--embedding-dim 10 --hidden 400,400,400 --dropout 0.2 --model-opt batch_norm=true "
                   "--field-mask-rate 0.1 --ema-decay 0.98",
 }
