@@ -92,7 +92,7 @@ class RunConfig:
         """The benchmark's name for this run: the model, its transfer mode, `-aux` for a joint
         stage 2, `-fmask` for a field-masked one and `-ema` for one that keeps a weight average."""
         return (self._base_variant() + ("-aux" if self.aux_weight > 0 else "") + ("-fmask" if self.field_mask_rate > 0 else "")
-                + ("-ema" if self.train.ema_decay > 0 else ""))
+                + ("-ema" if self.train.ema_decay > 0 or self.train.ema_epochs > 0 else ""))
 
 
 def validate(cfg: RunConfig) -> None:
@@ -113,6 +113,8 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"unknown calibration '{cfg.calibration}' (choose from {', '.join(CALIBRATION_METHODS)})")
     if not 0 <= cfg.train.ema_decay < 1:
         raise ValueError(f"ema_decay {cfg.train.ema_decay} must be in [0, 1)")
+    if cfg.train.ema_epochs < 0 or (cfg.train.ema_epochs > 0 and cfg.train.ema_decay > 0):
+        raise ValueError(f"ema_epochs {cfg.train.ema_epochs} must be >= 0 and not given with ema_decay (one or the other)")
     if not 0 <= cfg.field_mask_rate < 1:
         raise ValueError(f"field_mask_rate {cfg.field_mask_rate} must be in [0, 1)")
     if not 0 < cfg.train.lr_decay <= 1:

@@ -62,6 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--ema-decay", type=float, default=None,
                    help="score, early-stop on and keep an exponential moving average of the weights with this "
                         "per-step decay (e.g. 0.995; 0: off)")
+    t.add_argument("--ema-epochs", type=float, default=None, metavar="H",
+                   help="the same average given as a horizon in epochs instead (per-step decay 1 - 1/(H x steps per "
+                        "epoch), so it carries across batch sizes; e.g. 1; not with --ema-decay)")
     t.add_argument("--field-mask-rate", type=float, default=0.0,
                    help="replace each field by its [MASK] with this probability while training (input dropout; 0: off)")
     t.add_argument("--calibration", choices=["platt", "none"], default="platt",
@@ -127,7 +130,8 @@ def build_run_config(args: argparse.Namespace):  # -> model.pipeline.RunConfig
     train = TrainConfig(
         **_given(args, {"epochs": "epochs", "lr": "lr", "weight_decay": "weight_decay", "embedding_l2": "embedding_l2",
                         "patience": "patience", "lr_patience": "lr_patience", "max_steps_per_epoch": "max_steps_per_epoch",
-                        "lr_decay_epochs": "lr_decay_epochs", "ema_decay": "ema_decay", "lr_decay": "lr_decay"}),
+                        "lr_decay_epochs": "lr_decay_epochs", "ema_decay": "ema_decay", "ema_epochs": "ema_epochs",
+                        "lr_decay": "lr_decay"}),
         batch_size=batch_size, seed=args.seed, progress=not args.no_progress,
     )
     pre = PretrainConfig(

@@ -211,6 +211,26 @@ def test_weight_average_is_the_ema_of_weights_and_buffers():
         WeightAverage(net, 1.0)
 
 
+def test_ema_epochs_is_a_horizon_that_carries_across_batch_sizes():
+    from model.trainer import DistContext, TrainConfig, ema_decay_per_step, steps_per_epoch
+
+    rows = 202_027  # Frappe_x1's train split
+    decays = {}
+    for batch in (1024, 4096):
+        cfg = TrainConfig(batch_size=batch, ema_epochs=1.0)
+        steps = steps_per_epoch(rows, cfg, DistContext())
+        assert steps == rows // batch  # full batches only
+        decays[batch] = ema_decay_per_step(cfg, steps)
+        assert 1 / (1 - decays[batch]) == pytest.approx(steps)
+    # The two documented per-step decays are both about one epoch on this split.
+    assert decays[1024] == pytest.approx(0.995, abs=1e-4) and decays[4096] == pytest.approx(0.98, abs=1e-3)
+    # Under DDP each rank takes its share of every global batch, so the steps (and the decay)
+    # of an epoch stay those of one process.
+    assert steps_per_epoch(rows, TrainConfig(batch_size=1024), DistContext(rank=1, world=2)) == rows // 1024
+    assert ema_decay_per_step(TrainConfig(ema_decay=0.9), 100) == 0.9  # a per-step decay passes through
+    assert ema_decay_per_step(TrainConfig(ema_epochs=0.001), 100) == 0.0  # under one step: no averaging
+
+
 def test_ema_run_scores_and_keeps_the_averaged_weights(tmp_path, synth_dir):
     from model.metrics import auc
     from model.run_io import load_run
@@ -228,6 +248,10 @@ def test_ema_run_scores_and_keeps_the_averaged_weights(tmp_path, synth_dir):
     assert [r["valid_auc"] for r in ema["history"]] != [r["valid_auc"] for r in plain["history"]]
     config = json.loads((tmp_path / "ema" / "dnn" / "config.json").read_text())
     assert config["train"]["ema_decay"] == 0.5
+    # Half an epoch of 4 capped steps is a 2-step horizon: the per-step decay 0.5 again.
+    by_epochs = _train(tmp_path / "ema-epochs", synth_dir, "dnn", *base, "--ema-epochs", "0.5")
+    assert by_epochs["variant"] == "dnn-ema"
+    assert [r["valid_auc"] for r in by_epochs["history"]] == [r["valid_auc"] for r in ema["history"]]
     # What the run keeps and saves is the average it validated, not the last raw weights.
     best = max(r["valid_auc"] for r in ema["history"])
     assert ema["valid"]["auc"] == pytest.approx(best, abs=1e-9)
@@ -267,6 +291,8 @@ def test_param_groups_scale_only_the_named_parameters():
         (["--aux-weight", "0.1"], "needs a DGenCTR run"),
         (["--field-mask-rate", "1"], "must be in [0, 1)"),
         (["--ema-decay", "1"], "ema_decay 1.0 must be in [0, 1)"),
+        (["--ema-decay", "0.9", "--ema-epochs", "1"], "one or the other"),
+        (["--ema-epochs", "-1"], "ema_epochs -1.0 must be >= 0"),
         (["--lr-decay", "0"], "lr_decay 0.0 must be in (0, 1]"),
         (["--epochs", "5", "--lr-decay", "1", "--lr-decay-epochs", "2"], "needs an lr_decay below 1"),
         (["--epochs", "5", "--lr-decay-epochs", "5"], "must all come before the last epoch"),
