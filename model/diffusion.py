@@ -234,6 +234,27 @@ def reconstruction_report(
     return report
 
 
+def shrink_toward(target: nn.Module, fresh: dict[str, torch.Tensor], names: list[str], keep: float) -> None:
+    """Blend the transferred tensors with the network's fresh initialisation: keep * pre-trained
+    + (1 - keep) * fresh ("shrink and perturb").
+
+    A warm-started network trained on the same rows tends to settle in a worse optimum than
+    one started fresh, and on Frappe_x1 every full transfer led early and then fell behind
+    training from scratch. Shrinking the pre-trained weights and adding back a share of the
+    random initialisation restores some of a fresh network's trainability while keeping the
+    direction stage 1 learned. keep = 1 is the plain transfer; keep = 0 is exactly the
+    from-scratch network, since stage 2 builds its network with the same seed.
+    """
+    if not 0 <= keep <= 1:
+        raise ValueError(f"transfer keep {keep} must be in [0, 1]")
+    state = target.state_dict()
+    with torch.no_grad():
+        for name in names:
+            tensor = state[name]
+            if tensor.is_floating_point():  # integer buffers (BatchNorm's batch count) stay as copied
+                tensor.mul_(keep).add_(fresh[name].to(tensor.device, tensor.dtype), alpha=1 - keep)
+
+
 # The partial transfer modes: which state-dict keys each one copies.
 _PARTIAL_TRANSFER: dict[str, Callable[[str], bool]] = {
     "body": lambda k: not k.startswith("label_head."),

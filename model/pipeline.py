@@ -19,7 +19,7 @@ import torch
 from model.calibration import CALIBRATION_METHODS, PlattScaling, fit_platt
 from model.data import EncodedSplit, load_encoded
 from model.metrics import evaluate
-from model.diffusion import FineTuneObjective, PretrainConfig, PretrainObjective, reconstruction_report, transfer
+from model.diffusion import FineTuneObjective, PretrainConfig, PretrainObjective, reconstruction_report, shrink_toward, transfer
 from model.logs import kv
 from model.networks import MODELS, build_model, model_config
 from model.readers import DataError
@@ -53,6 +53,10 @@ class RunConfig:
     # table keeps the full LR: its L2 penalty works through Adam steps of about one LR, and at
     # a tenth of it the penalty on a pre-trained table outweighs the click loss for epochs.
     transfer_lr_scale: float = 1.0
+    # Share of each transferred tensor kept; the rest is the fresh network's initialisation
+    # ("shrink and perturb", model/diffusion.py `shrink_toward`). 1: the plain transfer;
+    # 0: the same network as from scratch.
+    transfer_keep: float = 1.0
     # Where stage 2's embedding L2 pulls the table: "zero" (FuxiCTR's regulariser) or
     # "pretrained" (L2-SP: towards the transferred table, so the penalty does not erase it).
     embedding_l2_anchor: str = "zero"
@@ -89,9 +93,10 @@ class RunConfig:
         return "dgenctr" if self.pretrain.mask_label else "dgenctr-no-label"
 
     def variant(self) -> str:
-        """The benchmark's name for this run: the model, its transfer mode, `-aux` for a joint
-        stage 2, `-fmask` for a field-masked one and `-ema` for one that keeps a weight average."""
-        return (self._base_variant() + ("-aux" if self.aux_weight > 0 else "") + ("-fmask" if self.field_mask_rate > 0 else "")
+        """The benchmark's name for this run: the model, its transfer mode, `-shrink` for a transfer
+        blended with the fresh initialisation, `-aux` for a joint stage 2, `-fmask` for a
+        field-masked one and `-ema` for one that keeps a weight average."""
+        return (self._base_variant() + ("-shrink" if self.transfer_keep < 1 else "") + ("-aux" if self.aux_weight > 0 else "") + ("-fmask" if self.field_mask_rate > 0 else "")
                 + ("-ema" if self.train.ema_decay > 0 or self.train.ema_epochs > 0 else ""))
 
 
@@ -103,6 +108,8 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"unknown pretrain mode '{cfg.pretrain_mode}' (choose from {', '.join(PRETRAIN_MODES)})")
     if cfg.transfer_lr_scale < 0 or (cfg.transfer_lr_scale != 1.0 and not cfg.transfers):
         raise ValueError(f"transfer_lr_scale {cfg.transfer_lr_scale} needs a DGenCTR run that transfers stage 1 (and a scale >= 0)")
+    if not 0 <= cfg.transfer_keep <= 1 or (cfg.transfer_keep != 1.0 and not cfg.transfers):
+        raise ValueError(f"transfer_keep {cfg.transfer_keep} needs a DGenCTR run that transfers stage 1 (and a value in [0, 1])")
     if cfg.embedding_l2_anchor not in ("zero", "pretrained"):
         raise ValueError(f"unknown embedding_l2_anchor '{cfg.embedding_l2_anchor}' (zero or pretrained)")
     if cfg.embedding_l2_anchor == "pretrained" and not cfg.transfers:
@@ -199,7 +206,10 @@ def train_run(cfg: RunConfig, ctx: DistContext | None = None) -> dict[str, Any]:
         # so the transfer modes differ only in what `transfer` copies.
         seed_everything(cfg.seed)
         model = build_model(cfg.model_type, model_cfg, vocab)
+        fresh = {k: v.detach().clone() for k, v in model.state_dict().items()} if cfg.transfer_keep < 1 else {}
         copied = transfer(state, model, _TRANSFER[cfg.pretrain_mode])
+        if fresh:
+            shrink_toward(model, fresh, copied, cfg.transfer_keep)
         model.to(ctx.device)
         pre_info["transferred_tensors"] = len(copied)
     anchor = None
@@ -243,7 +253,8 @@ def train_run(cfg: RunConfig, ctx: DistContext | None = None) -> dict[str, Any]:
             "model_type": cfg.model_type,
             "model": asdict(model_cfg),
             "train": {**asdict(cfg.train), "seed": cfg.seed, "pretrain_mode": cfg.pretrain_mode,
-                      "transfer_lr_scale": cfg.transfer_lr_scale, "embedding_l2_anchor": cfg.embedding_l2_anchor,
+                      "transfer_lr_scale": cfg.transfer_lr_scale, "transfer_keep": cfg.transfer_keep,
+                      "embedding_l2_anchor": cfg.embedding_l2_anchor,
                       "aux_weight": cfg.aux_weight, "aux_rows": cfg.aux_rows,
                       "field_mask_rate": cfg.field_mask_rate,
                       "pretrain": asdict(cfg.pretrain) if cfg.model_type == "dgenctr" else None, "world_size": ctx.world},

@@ -92,6 +92,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--transfer-lr-scale", type=float, default=1.0,
                    help="stage-2 LR multiplier for the network tensors transferred from stage 1 (e.g. 0.1); "
                    "the embedding table keeps the full LR")
+    d.add_argument("--transfer-keep", type=float, default=1.0, metavar="K",
+                   help="share of each transferred tensor kept, the rest being the fresh initialisation (shrink and "
+                   "perturb; 1: plain transfer, 0: the from-scratch network)")
     d.add_argument("--embedding-l2-anchor", choices=["zero", "pretrained"], default="zero",
                    help="where --embedding-l2 pulls the table in stage 2: zero, or the pre-trained table (L2-SP)")
     d.add_argument("--aux-weight", type=float, default=0.0,
@@ -142,7 +145,7 @@ def build_run_config(args: argparse.Namespace):  # -> model.pipeline.RunConfig
     return RunConfig(
         model_type=args.model, spec=args.spec, data=args.data, out=args.out, seed=args.seed, model=overrides,
         train=train, pretrain=pre, pretrain_mode=args.pretrain_mode, pretrained=args.pretrained,
-        transfer_lr_scale=args.transfer_lr_scale, embedding_l2_anchor=args.embedding_l2_anchor,
+        transfer_lr_scale=args.transfer_lr_scale, transfer_keep=args.transfer_keep, embedding_l2_anchor=args.embedding_l2_anchor,
         aux_weight=args.aux_weight, aux_rows=args.aux_rows, field_mask_rate=args.field_mask_rate,
         calibration=args.calibration, max_rows=args.max_rows, threads=args.threads,
     )

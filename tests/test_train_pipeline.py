@@ -121,6 +121,40 @@ def test_transferred_tensors_train_at_their_own_lr(tmp_path, synth_dir):
     assert frozen["test"] != first["test"]
 
 
+def test_shrink_toward_blends_float_tensors_and_keeps_integer_buffers():
+    from model.diffusion import shrink_toward
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    fresh = {k: v.clone() for k, v in net.state_dict().items()}
+    pre = {k: (v + 4.0 if v.is_floating_point() else v + 7) for k, v in fresh.items()}
+    net.load_state_dict(pre)
+    shrink_toward(net, fresh, sorted(pre), 0.25)
+    after = net.state_dict()
+    assert torch.allclose(after["0.weight"], 0.25 * pre["0.weight"] + 0.75 * fresh["0.weight"])
+    assert torch.allclose(after["1.running_var"], 0.25 * pre["1.running_var"] + 0.75 * fresh["1.running_var"])
+    assert torch.equal(after["1.num_batches_tracked"], pre["1.num_batches_tracked"])
+    with pytest.raises(ValueError, match="transfer keep"):
+        shrink_toward(net, fresh, sorted(pre), 1.5)
+
+
+def test_transfer_keep_spans_the_plain_transfer_and_the_from_scratch_network(tmp_path, synth_dir):
+    base = [*TINY, "--epochs", "1", "--pretrain-epochs", "1", *SMALL_DGENCTR]
+    full = _train(tmp_path / "pre", synth_dir, "dgenctr", *base)
+    ckpt = str(tmp_path / "pre" / "dgenctr" / "pretrained.safetensors")
+    scratch = _train(tmp_path / "scratch", synth_dir, "dgenctr", *base, "--pretrain-mode", "none")
+    # Stage 2 builds its network with the seed the from-scratch run uses, so keeping nothing
+    # of stage 1 is that run, and keeping all of it is the plain transfer.
+    none_kept = _train(tmp_path / "k0", synth_dir, "dgenctr", *base, "--pretrained", ckpt, "--transfer-keep", "0")
+    assert none_kept["variant"] == "dgenctr-shrink"
+    assert none_kept["test"] == scratch["test"] and none_kept["test"] != full["test"]
+    all_kept = _train(tmp_path / "k1", synth_dir, "dgenctr", *base, "--pretrained", ckpt, "--transfer-keep", "1")
+    assert all_kept["variant"] == "dgenctr" and all_kept["test"] == full["test"]
+    half = _train(tmp_path / "k05", synth_dir, "dgenctr", *base, "--pretrained", ckpt, "--transfer-keep", "0.5")
+    assert half["test"] not in (scratch["test"], full["test"])
+    config = json.loads((tmp_path / "k05" / "dgenctr" / "config.json").read_text())
+    assert config["train"]["transfer_keep"] == 0.5
+
+
 def test_embedding_l2_can_anchor_at_the_pretrained_table(tmp_path, synth_dir):
     from safetensors.torch import load_file
 
@@ -288,6 +322,8 @@ def test_param_groups_scale_only_the_named_parameters():
         (["--model", "xgboost"], "unknown model 'xgboost'"),
         (["--model", "dgenctr", "--pretrain-mode", "none", "--transfer-lr-scale", "0.1"], "needs a DGenCTR run that transfers"),
         (["--embedding-l2-anchor", "pretrained"], "needs a DGenCTR run that transfers"),
+        (["--model", "dgenctr", "--pretrain-mode", "none", "--transfer-keep", "0.5"], "transfer_keep 0.5 needs a DGenCTR run"),
+        (["--model", "dgenctr", "--transfer-keep", "1.5"], "a value in [0, 1]"),
         (["--aux-weight", "0.1"], "needs a DGenCTR run"),
         (["--field-mask-rate", "1"], "must be in [0, 1)"),
         (["--ema-decay", "1"], "ema_decay 1.0 must be in [0, 1)"),
