@@ -96,7 +96,8 @@ class RunConfig:
         """The benchmark's name for this run: the model, its transfer mode, `-shrink` for a transfer
         blended with the fresh initialisation, `-aux` for a joint stage 2, `-fmask` for a
         field-masked one and `-ema` for one that keeps a weight average."""
-        return (self._base_variant() + ("-shrink" if self.transfer_keep < 1 else "") + ("-aux" if self.aux_weight > 0 else "") + ("-fmask" if self.field_mask_rate > 0 else "")
+        return (self._base_variant() + ("-shrink" if self.transfer_keep < 1 else "") + ("-aux" if self.aux_weight > 0 else "")
+                + ("-fmask" if self.field_mask_rate > 0 else "")
                 + ("-ema" if self.train.ema_decay > 0 or self.train.ema_epochs > 0 else ""))
 
 
