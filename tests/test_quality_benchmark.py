@@ -23,16 +23,15 @@ RECIPE_COMMANDS = {
                       "--dropout 0 --model-opt readout=concat --model-opt head_hidden=[400,400,400] "
                       "--model-opt head_batch_norm=true --model-opt head_dropout=0.2 --pretrain-mode none "
                       "--field-mask-rate 0.2 --ema-decay 0.995 --lr-decay 1 --epochs 40 --patience 6",
-    # Twelfth round (#83): the same stage 2 after a 10-epoch stage 1, a quarter of it kept.
-    "dgenctr-masked-2stage": "--model dgenctr --batch-size 1024 --lr 1e-3 --embedding-l2 0.005 --d-model 64 --layers 2 "
-                             "--heads 4 --dropout 0 --model-opt readout=concat --model-opt head_hidden=[400,400,400] "
-                             "--model-opt head_batch_norm=true --model-opt head_dropout=0.2 --field-mask-rate 0.2 "
-                             "--ema-decay 0.995 --lr-decay 1 --epochs 40 --patience 6 --pretrain-mode full "
-                             "--pretrain-epochs 10 --pretrain-batch-size 2048 --pretrain-lr 3e-3 --transfer-keep 0.25",
     "dnn-masked": "--model dnn --epochs 40 --patience 6 --lr-decay 1 --batch-size 4096 --lr 1e-3 --embedding-l2 0.05 "
                   "--embedding-dim 10 --hidden 400,400,400 --dropout 0.2 --model-opt batch_norm=true "
                   "--field-mask-rate 0.1 --ema-decay 0.98",
 }
+
+# Twelfth round (#83): the same stage 2 after a 10-epoch stage 1, a quarter of it kept.
+RECIPE_COMMANDS["dgenctr-masked-2stage"] = RECIPE_COMMANDS["dgenctr-masked"].replace(
+    "--pretrain-mode none",
+    "--pretrain-mode full --pretrain-epochs 10 --pretrain-batch-size 2048 --pretrain-lr 3e-3 --transfer-keep 0.25")
 
 
 def _quality_module():
