@@ -309,7 +309,7 @@ def param_groups(model: nn.Module, lr: float, scaled: Collection[str] = (), scal
 
 
 class WeightAverage:
-    """The EMA of a model's weights and buffers, or the model itself when the decay is 0.
+    """The EMA of a model's weights and float buffers, or the model itself when the decay is 0.
 
     One object for both cases keeps `fit_supervised` to one code path: it validates and keeps
     `scored`, and calls `update` after every optimiser step.
@@ -332,6 +332,13 @@ class WeightAverage:
     def update(self) -> None:
         if self.average is not None:
             self.average.update_parameters(self.model)
+            # AveragedModel lerps every buffer, integer ones included: FieldEmbedding.offsets
+            # (int64) drifted by a row after one update, so the averaged model looked up the
+            # wrong embedding rows. Counters and index tables are state, not weights: copy them.
+            with torch.no_grad():
+                for avg, live in zip(self.average.module.buffers(), self.model.buffers()):
+                    if not avg.is_floating_point():
+                        avg.copy_(live)
 
 
 @dataclass

@@ -391,3 +391,26 @@ def test_streaming_parquet_encodes_like_the_in_memory_path(synth_dir, synth_spec
     assert len(chunks) == 3
     full = synth_spec.encode(pd.read_parquet(synth_dir / "valid.parquet"))
     np.testing.assert_array_equal(np.concatenate([c.tokens.numpy() for c in chunks]), full)
+
+
+def test_weight_average_copies_integer_buffers_instead_of_averaging_them():
+    """FieldEmbedding.offsets is an int64 buffer: averaging it shifted every lookup of the
+    averaged model by a row, so each EMA run validated a broken network."""
+    from model.networks import build_model
+    from model.trainer import WeightAverage
+
+    torch.manual_seed(0)
+    net = build_model("dnn", {"batch_norm": True}, [10, 25, 7, 40])
+    avg = WeightAverage(net, 0.9)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.01)
+        net.train()
+        net(torch.stack([torch.randint(0, v, (8,)) for v in [10, 25, 7, 40]], dim=1))
+        avg.update()
+    ints = {n: b for n, b in net.named_buffers() if not b.is_floating_point()}
+    assert "embedding.offsets" in ints or any(n.endswith("offsets") for n in ints)
+    averaged = dict(avg.scored.named_buffers())
+    for name, buf in ints.items():
+        assert torch.equal(averaged[name], buf), name
