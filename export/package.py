@@ -44,6 +44,9 @@ PACKAGE_FILES = (ONNX_FILE, SPEC_FILE, METADATA_FILE)
 INPUT_NAME = "tokens"
 OUTPUT_NAME = "probability"
 TMP_PREFIX = ".tmp-"
+# Optional: combination counts for test-time paths, written by `ctr stats build --package`.
+TEST_TIME_STATS_FILE = "test_time_stats.npz"
+TEST_TIME_MANIFEST_FILE = "test_time_stats.json"
 
 # ONNX TensorProto element types we name in metadata (the graph must use exactly these).
 _DTYPES = {1: "float32", 7: "int64", 10: "float16", 6: "int32", 11: "float64"}
@@ -170,6 +173,7 @@ def verify_package(path: str | Path, *, smoke_run: bool = True) -> ModelPackage:
 
     model = _load_onnx(onnx_path)
     _check_io(model, spec, metadata)
+    _check_test_time_stats(p, metadata)
 
     pkg = ModelPackage(
         path=p,
@@ -216,6 +220,23 @@ def _check_spec_matches(spec: FeatureSpec, metadata: Mapping[str, Any], spec_pat
     want = metadata.get("feature_spec_sha256")
     if want is not None and file_sha256(spec_path) != want:
         raise PackageError("feature_spec.json sha256 mismatch: it is not the spec this model was exported with")
+
+
+def _check_test_time_stats(p: Path, metadata: Mapping[str, Any]) -> None:
+    """The optional test-time statistics (docs/test-time.md): absent is fine (the package
+    serves plain); present, the file must match the sha256 and size in its manifest and the
+    manifest must name this package's spec."""
+    stats, manifest_path = p / TEST_TIME_STATS_FILE, p / TEST_TIME_MANIFEST_FILE
+    if not stats.exists() and not manifest_path.exists():
+        return
+    if not (stats.is_file() and manifest_path.is_file()):
+        raise PackageError(f"{TEST_TIME_STATS_FILE} and {TEST_TIME_MANIFEST_FILE} come together; one is missing")
+    manifest = _read_metadata(manifest_path)
+    if manifest.get("bytes") != stats.stat().st_size or manifest.get("sha256") != file_sha256(stats):
+        raise PackageError(f"{TEST_TIME_STATS_FILE} does not match the sha256 in {TEST_TIME_MANIFEST_FILE}: damaged or replaced")
+    want = manifest.get("feature_spec_sha256")
+    if want is not None and want != metadata.get("feature_spec_sha256"):
+        raise PackageError(f"{TEST_TIME_STATS_FILE} was built for another feature_spec.json")
 
 
 def _load_onnx(path: Path) -> Any:
