@@ -22,6 +22,7 @@ REGISTRARS: list[tuple[str, str]] = [
     ("model.train_cli", "register"),
     ("export.cli", "register"),
     ("service.cli", "register"),
+    ("testtime.cli", "register"),
     ("ctr.quickstart", "register"),
 ]
 
