@@ -6,6 +6,14 @@ its own batcher: a reload loads, verifies and warms the new version beside the o
 then replaces the pointer in one assignment. Requests that already encoded with the old spec
 finish on the old session (its batcher drains in the background); new requests go to the new
 one. A load that fails leaves the pointer alone and is counted.
+
+At a fresh start there is no pointer to keep, so a version that cannot be served (corrupt,
+incomplete, or built for another spec) is skipped, counted under
+`ctr_model_load_failures_total{variant,reason}` and named in a WARNING, and the newest good
+version serves: a restart or a scale-up must not crash-loop on one bad publish. The choice is
+made when the registry is built, before the server starts, because a failure there is one
+line and a non-zero exit, while the same failure inside the ASGI lifespan is a server
+traceback.
 """
 
 from __future__ import annotations
@@ -17,12 +25,14 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import Counter
+
 from model.logs import kv
 from service.batcher import Batcher
 from service.config import ServiceConfig, VariantConfig
 from service.encoding import FastEncoder, RequestEncoder
 from service.metrics import Metrics
-from service.package import Package, PackageRefused, latest_version, load_package
+from service.package import Package, PackageRefused, latest_version, list_versions, load_package
 from service.scorer import Scorer
 
 log = logging.getLogger(__name__)
@@ -30,6 +40,54 @@ log = logging.getLogger(__name__)
 
 class UnknownModel(LookupError):
     pass
+
+
+class NoServableModel(SystemExit):
+    """No version of a variant can be served, so the process must not start.
+
+    A SystemExit whose code is the message: uncaught, Python prints only that line and exits
+    with status 1, wherever the app is built (`ctr serve`, `uvicorn --factory`), instead of a
+    traceback that buries the reason.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# Failure reasons for ctr_model_load_failures_total, from the verifier's and onnxruntime's
+# words, first match wins (a spec's sha256 mismatch is an incompatible spec, not a corrupt file).
+_REASONS = (
+    ("missing_file", ("missing ", "not a package folder", "no model package", "no such file")),
+    ("incompatible", ("feature_spec", "spec has", "fields")),
+    ("checksum", ("sha256 mismatch", "bytes but metadata.json says", "onnx_sha256")),
+    ("onnx_load", ("model.onnx does not load", "onnx.checker", "onnxruntime", "protobuf", "load model")),
+    ("incompatible", ("input", "output", "opset", "metadata.json")),
+)
+
+
+def load_failures_counter(metrics: Metrics) -> Counter:
+    """ctr_model_load_failures_total on the app's own metrics registry (one per app)."""
+    counter = getattr(metrics, "load_failures", None)
+    if counter is None:
+        counter = Counter("ctr_model_load_failures_total", "model versions refused at start-up or reload, by reason",
+                          ["variant", "reason"], registry=metrics.registry)
+        metrics.load_failures = counter  # type: ignore[attr-defined]
+    return counter
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A small fixed label set, so the metric's cardinality stays bounded."""
+    if isinstance(exc, FileNotFoundError):
+        return "missing_file"
+    text = str(exc).lower()
+    for reason, needles in _REASONS:
+        if any(n in text for n in needles):
+            return reason
+    return "invalid"
 
 
 @dataclass
@@ -63,6 +121,15 @@ class Registry:
     _failed: set[tuple[str, int]] = field(default_factory=set)
     _retiring: set[asyncio.Task] = field(default_factory=set)
     on_swap: Callable[[], None] | None = None  # runs after a new version is swapped in
+    # Versions chosen at construction, and their opened packages and sessions, which the first
+    # load reuses instead of opening them twice.
+    _chosen: dict[str, int] = field(default_factory=dict)
+    _opened: dict[tuple[str, str, int], tuple[Package, Scorer]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.load_failures = load_failures_counter(self.metrics)
+        for vc in self.variant_configs():
+            self._choose(vc)
 
     def variant_configs(self) -> list[VariantConfig]:
         out = list(self.cfg.variants)
@@ -84,8 +151,14 @@ class Registry:
             raise FileNotFoundError(f"no versions of model '{vc.model}' in {self.cfg.repo}")
         return v
 
-    def _build(self, vc: VariantConfig, version: int) -> LoadedModel:
-        """Blocking: verify, open the session and warm every bucket (runs in a thread)."""
+    def _candidates(self, vc: VariantConfig) -> list[int]:
+        """Versions to try at start, best first: the pinned one only, or all, newest first."""
+        if vc.version != "latest":
+            return [int(vc.version)]
+        return sorted(list_versions(self.cfg.repo, vc.model), reverse=True)
+
+    def _open(self, vc: VariantConfig, version: int) -> tuple[Package, Scorer]:
+        """Blocking: verify the package and open its onnxruntime session (no warm-up)."""
         pkg = load_package(self.cfg.repo, vc.model, version)
         sc = self.cfg.scorer
         buckets = sorted(set(sc.buckets) | {self.cfg.batcher.max_batch_rows})
@@ -93,10 +166,47 @@ class Registry:
             scorer = Scorer(pkg.onnx_path, sc.providers, sc.intra_op_threads, sc.inter_op_threads, buckets, pkg.input_name, pkg.output_name)
             if scorer.num_fields is not None and scorer.num_fields != pkg.spec.num_fields:
                 raise PackageRefused(f"model takes {scorer.num_fields} fields, spec has {pkg.spec.num_fields}")
-            scorer.warmup(pkg.spec.num_fields, sc.warmup_runs)
         except PackageRefused:
             raise
         except Exception as exc:  # onnxruntime refuses a damaged graph with many exception types
+            raise PackageRefused(f"{vc.model}/{version}: {exc}") from exc
+        return pkg, scorer
+
+    def _count_failure(self, vc: VariantConfig, version: int | None, exc: BaseException) -> str:
+        reason = failure_reason(exc)
+        self.load_failures.labels(vc.name, reason).inc()
+        if version is not None:
+            self._failed.add((vc.model, int(version)))
+        return reason
+
+    def _choose(self, vc: VariantConfig) -> None:
+        """Pick the newest version of `vc` that opens, skipping (and counting) the bad ones."""
+        candidates = self._candidates(vc)
+        skipped: list[str] = []
+        for version in candidates:
+            try:
+                self._opened[(vc.name, vc.model, version)] = self._open(vc, version)
+            except Exception as exc:
+                reason = self._count_failure(vc, version, exc)
+                skipped.append(f"{version} ({reason})")
+                log.warning("model_version_skipped %s", kv(variant=vc.name, model=vc.model, version=version, reason=reason, error=str(exc)[:300]))
+                continue
+            self._chosen[vc.name] = version
+            return
+        where = f"model '{vc.model}' in {self.cfg.repo}"
+        if not candidates:
+            raise NoServableModel(f"no versions of {where}")
+        if vc.version != "latest":
+            raise NoServableModel(f"variant '{vc.name}': pinned version {vc.version} of {where} cannot be served: {skipped[0]} (see the warning above)")
+        raise NoServableModel(f"variant '{vc.name}': no servable version of {where}; skipped {', '.join(skipped)} (see the warnings above)")
+
+    def _build(self, vc: VariantConfig, version: int) -> LoadedModel:
+        """Blocking: verify, open the session and warm every bucket (runs in a thread)."""
+        opened = self._opened.pop((vc.name, vc.model, version), None)
+        pkg, scorer = opened if opened is not None else self._open(vc, version)
+        try:
+            scorer.warmup(pkg.spec.num_fields, self.cfg.scorer.warmup_runs)
+        except Exception as exc:
             raise PackageRefused(f"{vc.model}/{version}: {exc}") from exc
         b = self.cfg.batcher
         m = self.metrics
@@ -125,8 +235,7 @@ class Registry:
                 new = await asyncio.to_thread(self._build, vc, version)
             except Exception as exc:
                 self.metrics.reload.labels(vc.name, "failed").inc()
-                if version is not None:
-                    self._failed.add((vc.model, int(version)))
+                self._count_failure(vc, version, exc)
                 log.error("model_load_failed %s", kv(variant=vc.name, model=vc.model, version=version, error=str(exc)[:300]))
                 if initial:
                     raise
@@ -149,8 +258,21 @@ class Registry:
             return {"variant": vc.name, "model": new.name, "version": new.version, "result": "ok", "provider": new.scorer.provider}
 
     async def load_all(self) -> None:
+        """Start every variant on the version chosen at construction; should that version
+        fail now (the repository changed in between), fall back to the next older one."""
         for vc in self.variant_configs():
-            await self.load(vc, initial=True)
+            chosen = self._chosen.get(vc.name)
+            versions = [v for v in self._candidates(vc) if chosen is None or v <= chosen]
+            for i, version in enumerate(versions):
+                try:
+                    await self.load(vc, version, initial=True)
+                    break
+                except Exception:
+                    if i == len(versions) - 1:
+                        raise NoServableModel(f"variant '{vc.name}': no servable version of model '{vc.model}' in {self.cfg.repo}") from None
+            else:
+                raise NoServableModel(f"no versions of model '{vc.model}' in {self.cfg.repo}")
+        self._opened.clear()  # sessions chosen but not used (none in the normal path)
 
     async def reload(self, variant: str | None = None, version: int | None = None, *, explicit: bool = True) -> list[dict[str, Any]]:
         """Bring variants to their configured version (newest for "latest").
