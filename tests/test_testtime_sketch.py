@@ -45,6 +45,7 @@ def test_count_min_never_undercounts_and_stays_within_its_bound():
     bound = cms.epsilon * cms.total
     over_bound = 0
     checked = 0
+    collided = 0
     for c, combo in enumerate(lay.combos.tolist()):
         truth = _true_counts(tokens, tuple(combo))
         true_per_row = np.array([truth[tuple(r)] for r in tokens[:, combo].tolist()])
@@ -52,14 +53,12 @@ def test_count_min_never_undercounts_and_stays_within_its_bound():
         # One check per distinct combination value, not per row.
         _, first = np.unique(keys[:, c], return_index=True)
         over_bound += int((est[first, c] > true_per_row[first] + bound).sum())
+        collided += int((est[first, c] > true_per_row[first]).sum())
         checked += first.size
     # The bound fails with probability <= exp(-depth) per estimate; allow three times that.
     assert over_bound <= 3 * math.exp(-cms.depth) * checked + 1
     # The width is small enough that collisions really happen (the test would be vacuous otherwise).
-    assert (est.max(axis=0) > 0).all() and any(
-        (est[:, c] > np.array([_true_counts(tokens, tuple(co))[tuple(r)] for r in tokens[:, co].tolist()])).any()
-        for c, co in enumerate(lay.combos.tolist()[:3])
-    )
+    assert collided > 0
 
 
 def test_lower_and_upper_bounds_bracket_the_true_counts():
