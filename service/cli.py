@@ -24,6 +24,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--intra-op-threads", type=int)
     serve.add_argument("--providers", help="comma-separated onnxruntime providers, in preference order")
     serve.add_argument("--reload-poll-s", type=float, help="poll the repository for new versions")
+    serve.add_argument(
+        "--workers", type=int,
+        help="worker processes on one port (default: one per usable core, at most 8; 1 on a GPU host); 1 = no parent process",
+    )
+    serve.add_argument(
+        "--drain-grace-s", type=float,
+        help="SIGTERM: readiness false and still serving this long, then stop accepting and drain (default 5)",
+    )
+    serve.add_argument("--run-dir", help="with several workers: their shared directory (metrics files, versions); default a fresh temporary one")
     serve.set_defaults(handler=_serve)
 
     feats = sub.add_parser("features", help="feature store tools")
@@ -54,7 +63,13 @@ def build_config(args: argparse.Namespace):  # -> ServiceConfig
         batcher__enabled=False if args.no_batching else None,
         scorer__intra_op_threads=args.intra_op_threads,
         scorer__providers=args.providers.split(",") if args.providers else None,
+        drain_grace_s=getattr(args, "drain_grace_s", None),
     )
+    if "drain_grace_s" not in cfg.model_fields_set:
+        # `ctr serve` drains with the documented grace unless a config file or flag sets one.
+        from service.server import DEFAULT_DRAIN_GRACE_S
+
+        cfg = cfg.model_copy(update={"drain_grace_s": DEFAULT_DRAIN_GRACE_S})
     if args.model:
         vc = VariantConfig(name="main", model=args.model, version=args.version if args.version else "latest")
         cfg = cfg.model_copy(update={"variants": [vc]})
@@ -62,12 +77,26 @@ def build_config(args: argparse.Namespace):  # -> ServiceConfig
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from service.app import create_app
-    from service.server import serve
+    import logging
+    from pathlib import Path
+
+    from service.workers import Plan, Supervisor, default_intra_op_threads, default_workers
 
     cfg = build_config(args)
-    serve(create_app(cfg), args.host, args.port, cfg.drain_grace_s)
-    return 0
+    workers = args.workers if args.workers else default_workers(cfg.scorer.providers)
+    if workers < 1:
+        raise ValueError("--workers must be at least 1")
+    if workers == 1:
+        from service.app import create_app
+        from service.server import serve
+
+        serve(create_app(cfg), args.host, args.port, cfg.drain_grace_s)
+        return 0
+    if cfg.scorer.intra_op_threads == 0:  # "all cores" per worker would oversubscribe them
+        cfg = cfg.model_copy(update={"scorer": cfg.scorer.model_copy(update={"intra_op_threads": default_intra_op_threads(workers)})})
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    plan = Plan(workers=workers, host=args.host, port=args.port, drain_grace_s=cfg.drain_grace_s, log_level=level)
+    return Supervisor(cfg, plan, Path(args.run_dir) if args.run_dir else None).run()
 
 
 def _features_load(args: argparse.Namespace) -> int:
