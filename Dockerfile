@@ -5,28 +5,29 @@
 #   CPU (default):  docker build -t ctr-serve:cpu .
 #   CUDA:           docker build --build-arg DEVICE=cuda -t ctr-serve:cuda .
 #
-# DEVICE picks both the base image (python slim, or NVIDIA's CUDA + cuDNN runtime) and the
-# onnxruntime wheel (onnxruntime, or onnxruntime-gpu). The serving dependencies are the
-# `serve` extra of pyproject.toml; the project itself is installed with --no-deps so the
-# training stack (torch, scikit-learn) never enters the image.
+# Both images start from the same pinned Python 3.11 base, so CPU and CUDA run one Python.
+# DEVICE picks only the onnxruntime wheel: `onnxruntime`, or `onnxruntime-gpu` with the CUDA
+# and cuDNN libraries it needs as NVIDIA's pip wheels (onnxruntime preloads them; the driver
+# comes from the host through the NVIDIA Container Toolkit). The serving dependencies are
+# the project's base dependencies (pyproject.toml), with the onnxruntime line replaced by
+# DEVICE's; the project itself goes in with --no-deps, so the training stack never enters.
 
 ARG DEVICE=cpu
-ARG CPU_BASE=python:3.11-slim-bookworm
-ARG CUDA_BASE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+# An exact tag: Python 3.11.13 on Debian 12. Bump it (and ORT_VERSION) deliberately.
+ARG PYTHON_BASE=python:3.11.13-slim-bookworm
+ARG ORT_VERSION=1.31.1
 
 # ---------------------------------------------------------------- bases, one per device
-FROM ${CPU_BASE} AS base-cpu
-ENV ORT_PACKAGE=onnxruntime
+FROM ${PYTHON_BASE} AS base-cpu
+ENV ORT_PACKAGE=onnxruntime \
+    ORT_EXTRA=""
 
-FROM ${CUDA_BASE} AS base-cuda
-ENV ORT_PACKAGE=onnxruntime-gpu \
+FROM ${PYTHON_BASE} AS base-cuda
+# onnxruntime-gpu 1.31 is built for CUDA 13 and cuDNN 9; its `cuda` extra leaves out cuBLAS.
+ENV ORT_PACKAGE="onnxruntime-gpu[cuda,cudnn]" \
+    ORT_EXTRA="nvidia-cublas~=13.0" \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
-# The CUDA runtime images carry no Python; Ubuntu 24.04's python3 is 3.12 (>= 3.11).
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
- && rm -rf /var/lib/apt/lists/*
 
 # hadolint ignore=DL3006
 FROM base-${DEVICE} AS base
@@ -39,12 +40,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # ---------------------------------------------------------------- build: venv + wheel
 FROM base AS build
+ARG ORT_VERSION
 WORKDIR /src
 RUN python3 -m venv /opt/ctr
 COPY pyproject.toml README.md ./
 # Serving dependencies first, in their own layer, so a code change does not reinstall them.
-RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml','rb'))['project']['optional-dependencies']['serve']))" > /tmp/serve.txt \
- && pip install -r /tmp/serve.txt "${ORT_PACKAGE}>=1.18"
+RUN ORT_VERSION="${ORT_VERSION}" python3 -c "import os, re, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; keep = [d for d in deps if re.split(r'[<>=!~\[; ]', d, maxsplit=1)[0] != 'onnxruntime']; print('\n'.join(keep + [os.environ['ORT_PACKAGE'] + '==' + os.environ['ORT_VERSION']] + os.environ['ORT_EXTRA'].split()))" > /tmp/serve.txt \
+ && pip install -r /tmp/serve.txt
 COPY ctr ./ctr
 COPY model ./model
 COPY export ./export

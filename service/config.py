@@ -1,19 +1,44 @@
-"""Service settings: one typed object, read from a YAML/JSON file, then CLI/env overrides.
+"""Service settings: one typed object (pydantic-settings) from flags, environment and a file.
 
-Settings are a pydantic model so a typo in a config file fails at start-up with the field
-path, not hours later when the code path that reads it first runs.
+Precedence, highest first: command-line flags > `CTR_*` environment variables > the YAML or
+JSON config file (`--config`, else `CTR_CONFIG`) > the defaults below. Nested keys use `__`
+in the environment: `CTR_BATCHER__MAX_BATCH_ROWS=2048` is `batcher: {max_batch_rows: 2048}`;
+lists and sections may also be given whole as JSON (`CTR_SCORER__BUCKETS='[1, 64, 512]'`).
+`ctr serve` and the uvicorn factory (`service.app:from_env`) both call `load_settings`, so
+they read the same environment and file.
+
+Settings are typed models with unknown keys refused, so a typo fails at start-up naming the
+key and the valid ones, not hours later when the code path that reads it first runs.
 """
 
 from __future__ import annotations
 
-import json
+import contextvars
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
 
 ADMIN_TOKEN_ENV = "CTR_ADMIN_TOKEN"
+ENV_PREFIX = "CTR_"
+CONFIG_ENV = "CTR_CONFIG"
+# Read by the service but not settings fields; never reported as unknown.
+LEGACY_REDIS_ENV = "CTR_REDIS_URL"  # older name of CTR_FEATURES__REDIS_URL (still honoured)
+
+# The config file of the settings being built (set by load_settings for its one call).
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("ctr_config_file", default=None)
+
+
+class SettingsError(ValueError):
+    """Settings that do not validate; the message names every bad key and the valid ones."""
 
 
 class _Strict(BaseModel):
@@ -77,9 +102,18 @@ class FeaturesConfig(_Strict):
 class LimitsConfig(_Strict):
     max_items: int = Field(1000, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1024)
+    # A body still arriving after this long is answered 408 and its connection closed.
+    body_timeout_s: float = Field(5.0, gt=0)
+    # Admission control (service/admission.py), checked before a body is read: requests and
+    # rows in flight, and the expected queue wait (None: the batcher's bound and half its deadline).
+    max_inflight_requests: int = Field(256, ge=1)
+    max_inflight_rows: int | None = Field(None, ge=1)
+    max_wait_ms: float | None = Field(None, gt=0)
 
 
-class ServiceConfig(_Strict):
+class ServiceConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
+
     repo: str = "models"
     variants: list[VariantConfig] = []
     shadow: VariantConfig | None = None
@@ -99,6 +133,31 @@ class ServiceConfig(_Strict):
     # onnxruntime idle between batches at saturation; 0.5 ms gave ~15% more rows/s with the
     # same p99 at equal load (docs/benchmarks.md). It only matters when a thread is waiting.
     gil_switch_interval_ms: float = Field(0.5, gt=0)
+    # One JSON object per log line (time, level, logger, event, fields) for log pipelines.
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags (init arguments) > environment > config file > defaults."""
+        path = _config_file.get()
+        if path is None:
+            return init_settings, env_settings
+        if path.suffix in (".yaml", ".yml"):
+            return init_settings, env_settings, YamlConfigSettingsSource(settings_cls, yaml_file=path)
+        return init_settings, env_settings, JsonConfigSettingsSource(settings_cls, json_file=path)
 
     @property
     def admin_token(self) -> str | None:
@@ -116,24 +175,98 @@ def with_default_variant(cfg: ServiceConfig) -> ServiceConfig:
     return cfg.model_copy(update={"variants": [VariantConfig(name="main", model=names[0])]})
 
 
-def load_config(path: str | Path | None = None, **overrides: Any) -> ServiceConfig:
-    """Read a YAML or JSON file (or nothing), then apply non-None keyword overrides."""
-    data: dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        text = p.read_text(encoding="utf-8")
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
+def load_settings(config: str | Path | None = None, /, *, configure_logging: bool = False, **flags: Any) -> ServiceConfig:
+    """The service's settings: `flags` > `CTR_*` environment > config file > defaults.
 
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-    for key, value in overrides.items():
+    `config` is the file named on the command line; without one, `CTR_CONFIG` names it.
+    `flags` are command-line values, `section__key` for nested ones; None means "not given".
+    With `configure_logging`, the process's logging follows the settings' format and level
+    (a serving process calls this once at start).
+    """
+    path_text = config or os.environ.get(CONFIG_ENV) or None
+    path = Path(path_text) if path_text else None
+    if path is not None and not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    init: dict[str, Any] = {}
+    for key, value in flags.items():
         if value is None:
             continue
         section, _, leaf = key.partition("__")
         if leaf:
-            data.setdefault(section, {})[leaf] = value
+            init.setdefault(section, {})[leaf] = value
         else:
-            data[key] = value
-    return ServiceConfig.model_validate(data)
+            init[key] = value
+    _check_environment()
+    legacy = os.environ.get(LEGACY_REDIS_ENV)
+    if legacy and not os.environ.get(f"{ENV_PREFIX}FEATURES__REDIS_URL"):
+        features = init.setdefault("features", {})
+        if isinstance(features, dict):
+            features.setdefault("redis_url", legacy)
+    token = _config_file.set(path)
+    try:
+        cfg = ServiceConfig(**init)
+    except ValidationError as exc:
+        raise SettingsError(describe_errors(exc, path)) from None
+    finally:
+        _config_file.reset(token)
+    if configure_logging:
+        from model.logs import setup_logging
+
+        setup_logging(cfg.log_level, cfg.log_format)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> ServiceConfig:
+    """The settings with `overrides` as flags (kept for the callers of the older name)."""
+    return load_settings(path, **overrides)
+
+
+def _sections() -> dict[str, type[BaseModel]]:
+    """Settings fields whose value is a section (a model), by name."""
+    out = {}
+    for name, f in ServiceConfig.model_fields.items():
+        ann = f.annotation
+        for t in (ann, *getattr(ann, "__args__", ())):
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                out[name] = t
+    return out
+
+
+def _check_environment() -> None:
+    """Refuse a `CTR_` variable that looks meant for a nested key but misses the `__`.
+
+    pydantic-settings ignores environment variables that match no field (other tools share
+    the CTR_ prefix), so `CTR_BATCHER_MAX_BATCH_ROWS=2048` would silently do nothing.
+    """
+    sections = _sections()
+    for name in os.environ:
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        for section, model in sections.items():
+            if rest.startswith(section + "_") and not rest.startswith(section + "__"):
+                leaf = rest[len(section) + 1:]
+                raise SettingsError(
+                    f"environment variable {name} is not a setting: nested keys use '__' "
+                    f"(CTR_{section.upper()}__{leaf.upper()}); valid keys under '{section}': {', '.join(model.model_fields)}"
+                )
+
+
+def describe_errors(exc: ValidationError, path: Path | None = None) -> str:
+    """One line: every bad key with its problem; unknown keys list the valid ones."""
+    sections = _sections()
+    parts = []
+    for e in exc.errors(include_url=False, include_input=False):
+        loc = [str(x) for x in e["loc"]]
+        where = ".".join(loc) or "settings"
+        if e["type"] == "extra_forbidden":
+            parent_model: type[BaseModel] = ServiceConfig
+            parent = loc[:-1]
+            if parent and parent[0] in sections:
+                parent_model = sections[parent[0]]
+            scope = f"under '{'.'.join(parent)}'" if parent else "at the top level"
+            parts.append(f"unknown key '{where}' (valid keys {scope}: {', '.join(parent_model.model_fields)})")
+        else:
+            parts.append(f"{where}: {e['msg']}")
+    origin = f" (config file {path}, CTR_* environment or flags)" if path else " (CTR_* environment or flags)"
+    return "invalid settings" + origin + ": " + "; ".join(parts)

