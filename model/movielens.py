@@ -158,13 +158,17 @@ def split_by_time(ratings: pd.DataFrame, cfg: MovieLensConfig) -> np.ndarray:
     n_valid = np.maximum(cfg.min_holdout, np.rint(counts * cfg.valid_frac)).astype(np.int64)
     if np.any(n_test + n_valid >= counts):
         raise ValueError("a user has too few ratings for the requested holdout")
-    # Timestamp at each user's nominal cut; every rating at or after it is held out.
-    test_cut = np.repeat(ts[start + counts - n_test], counts)
-    valid_cut = np.repeat(ts[start + counts - n_test - n_valid], counts)
-    split_sorted = np.where(ts >= test_cut, 2, np.where(ts >= valid_cut, 1, 0))
-    untrained = int(np.count_nonzero(split_sorted[start] != 0))
-    if untrained:
-        raise ValueError(f"{untrained} users made all their train ratings in the same second as their holdout; lower the holdout")
+    # The test cut is the timestamp of the user's n_test-th latest rating; every rating at or
+    # after it is test. The valid cut is found the same way among the ratings left before it.
+    is_test = ts >= np.repeat(ts[start + counts - n_test], counts)
+    first_test = start + counts - np.add.reduceat(is_test.astype(np.int64), start)
+    first_valid = first_test - n_valid
+    if np.any(first_valid <= start):
+        raise ValueError(f"{int(np.sum(first_valid <= start))} users have no train ratings left before their holdout")
+    is_valid = ~is_test & (ts >= np.repeat(ts[first_valid], counts))
+    split_sorted = np.where(is_test, 2, np.where(is_valid, 1, 0))
+    if np.any(split_sorted[start] != 0):
+        raise ValueError("a user's earliest ratings share a second with the holdout; lower the holdout")
     split = np.empty(len(ts), dtype=np.int64)
     split[order] = split_sorted
     return split
@@ -193,7 +197,7 @@ def build(raw: dict[str, pd.DataFrame], cfg: MovieLensConfig = MovieLensConfig()
             "label": (ratings["rating"] >= cfg.click_threshold).astype(np.int64),
             **ratings,
             "hour": when.dt.hour.astype(np.int64),
-            "weekday": when.dt.dayofweek.astype(np.int64),
+            "weekday": when.dt.day_of_week.astype(np.int64),
         }
     )
     rows = rows.merge(users, on="user_id", how="left", validate="many_to_one")

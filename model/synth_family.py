@@ -11,8 +11,8 @@ to the Bayes AUC can be traced to the structure it fails to learn:
   wave over age);
 - noisy: logged values corrupted at random (context per impression, user and item attributes
   per entity) while clicks follow the clean values;
-- longtail: many more users and items under a steeper Zipf law, id effects stronger and only
-  partly explained by attributes, so most ids are seen a handful of times.
+- longtail: 10x the users and 17x the items under a flatter Zipf law, id effects stronger and
+  only partly explained by attributes, so most ids are seen a handful of times.
 
 Every member has the same columns, so one spec layout serves them all (`model/specs/`).
 
@@ -93,7 +93,7 @@ FAMILY: dict[str, dict] = {
     "synthetic-context": {"context": 1.0},
     "synthetic-nonlinear": {"nonlinear": 1.0},
     "synthetic-noisy": {"latent": 0.6, "context": 0.8, "nonlinear": 0.4, "noise": 0.25},
-    "synthetic-longtail": {"users": 100_000, "items": 50_000, "zipf_users": 1.1, "zipf_items": 1.2, "id_scale": 1.6,
+    "synthetic-longtail": {"users": 100_000, "items": 50_000, "zipf_users": 0.9, "zipf_items": 1.0, "id_scale": 1.6,
                            "latent": 0.5, "context": 0.5},
     "synthetic-mixed": {"latent": 0.8, "context": 0.8, "nonlinear": 0.8, "noise": 0.1, "zipf_items": 1.1},
 }  # fmt: skip
