@@ -255,23 +255,24 @@ def overhead(spec, reqs: list[bytes], redis_url: str, prefix: str, fast: bool = 
 
     Steady state: one pass over the bodies first fills the item cache and the encoder's
     memo, as minutes of traffic would; then a second pass is measured. `fast=False` measures
-    the general encoder (FeatureSpec.encode on per-request columns) for comparison.
+    the plain column-by-column encoding (the tests' parity oracle) for comparison.
     """
-    from service.encoding import FastEncoder, Missing, RequestEncoder
+    from service.encoding import FieldPlan, Missing, RequestEncoder
     from service.features import RedisFeatureStore
     from service.schemas import ScoreRequest
+    from tests.encoding_oracle import encode as plain_encode
 
-    base = RequestEncoder.for_spec(spec)
-    enc = FastEncoder(base)
+    enc = RequestEncoder.for_spec(spec)
 
     def encode(req, f, ids):
         feats = [it.features for it in req.items]
         if fast:
             return enc.encode_request(req.user_id, f.user, f.items, ids, feats, req.context, Missing())
-        return base.encode(base.columns(req.user_id, f.user, f.items, ids, feats, req.context, Missing()))
+        return plain_encode(spec, req.user_id, f.user, f.items, ids, feats, req.context, Missing())
 
     async def run() -> dict[str, float]:
         store = RedisFeatureStore(redis_url, prefix, timeout_s=1.0, cache_items=10_000)
+        store.use_fields(FieldPlan.for_spec(spec))
         acc = {"parse": 0.0, "fetch": 0.0, "encode": 0.0, "respond": 0.0}
         for i in range(2 * len(reqs)):
             c0 = time.thread_time()

@@ -2,10 +2,15 @@
 
 Stores hold *raw* values (never token ids) so one store serves every model version and A/B
 arm whatever their vocabularies. A store answers one question per request, "the user's row
-and each candidate's row", in one round trip; a missing entity comes back as None and the
-encoder turns it into OOV tokens. A store that cannot answer marks the result degraded
-instead of failing the request, because a ranking call with default features is worth more
-to the caller than an error.
+and each candidate's row", in at most one round trip; a missing entity comes back as None and
+the encoder turns it into OOV tokens. Item rows are kept in the store's `ItemRowCache` by slot,
+so each model version can keep their tokens by the same slot (see service/item_cache.py).
+
+A store that cannot answer marks the result degraded instead of failing the request, because a
+ranking call with default features is worth more to the caller than an error. A store that
+answers but has lost its data is degraded too, with reason "missing_features", once a request's
+share of unknown entities passes the configured threshold; and `check()` compares the store
+with the manifest `ctr features load` wrote (service/manifest.py), for readiness and a gauge.
 """
 
 from __future__ import annotations
@@ -14,17 +19,23 @@ import asyncio
 import logging
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from model.logs import kv
+from service.deadline import LoopLag, ReplyDeadline
+from service.encoding import FieldPlan
+from service.item_cache import FetchedItems, ItemRowCache
+from service.manifest import ENTITIES, FeatureCheck, Manifest, file_sha256, judge, manifest_key, spread_sample
 
 log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
+MISSING_FEATURES = "missing_features"
 
 
 @dataclass
@@ -36,11 +47,20 @@ class Fetched:
     cache_hits: int = 0
     cache_misses: int = 0
 
+    @property
+    def store_failed(self) -> bool:
+        """Degraded because the store did not answer (not because it answered "unknown")."""
+        return self.degraded and self.reason != MISSING_FEATURES
+
 
 class FeatureStore(Protocol):
     kind: str
 
     async def fetch(self, user_id: str, item_ids: Sequence[str]) -> Fetched: ...
+
+    def use_fields(self, plan: FieldPlan) -> None: ...
+
+    async def check(self, max_age_s: float = 1.0) -> FeatureCheck: ...
 
     async def ping(self) -> bool: ...
 
@@ -78,60 +98,65 @@ def read_entity_table(path: str | Path, entity: str) -> dict[str, Row]:
     return out
 
 
-class TTLCache:
-    """A small LRU with a time-to-live for hot item rows.
+def _keys(item_ids: Sequence[Any]) -> list[str]:
+    return [i if type(i) is str else str(i) for i in item_ids]
 
-    Popular items appear in most requests; keeping their rows in-process saves a large share
-    of the Redis payload. The TTL bounds staleness after an item's features change.
-    """
 
-    def __init__(self, max_entries: int, ttl_s: float) -> None:
-        self.max_entries = max_entries
-        self.ttl_s = ttl_s
-        self._data: OrderedDict[str, tuple[float, Row]] = OrderedDict()
-
-    def get(self, key: str, now: float) -> Row | None:
-        hit = self._data.get(key)
-        if hit is None:
-            return None
-        expires, row = hit
-        if expires < now:
-            del self._data[key]
-            return None
-        self._data.move_to_end(key)
-        return row
-
-    def put(self, key: str, row: Row, now: float) -> None:
-        if self.max_entries <= 0:
-            return
-        self._data[key] = (now + self.ttl_s, row)
-        self._data.move_to_end(key)
-        while len(self._data) > self.max_entries:
-            self._data.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._data)
+def _judge_missing(fetched: Fetched, threshold: float) -> Fetched:
+    """Mark a request degraded when its share of unknown entities passes `threshold`."""
+    if fetched.degraded or threshold >= 1.0:
+        return fetched
+    n = len(fetched.items)
+    unknown = (fetched.user is None) + fetched.items.count(None)
+    if unknown and unknown > threshold * (n + 1):
+        fetched.degraded, fetched.reason = True, MISSING_FEATURES
+    return fetched
 
 
 class InMemoryFeatureStore:
-    """The embedded store: user and item tables held in dicts (quickstart, tests, dev)."""
+    """The embedded store: user and item tables held in dicts (quickstart, tests, dev).
+
+    Every item row gets a fixed slot of an `ItemRowCache` that never expires, so encoders keep
+    its tokens; an unknown id gets no slot (it is encoded per request, and counted missing).
+    """
 
     kind = "memory"
 
-    def __init__(self, users: dict[str, Row] | None = None, items: dict[str, Row] | None = None) -> None:
+    def __init__(self, users: dict[str, Row] | None = None, items: dict[str, Row] | None = None, missing_share: float = 0.5) -> None:
         self.users = users or {}
         self.items = items or {}
+        self.missing_share = missing_share
+        self._rows = ItemRowCache(len(self.items), math.inf)
+        keys = list(self.items)
+        self._rows.put(keys, [self.items[k] for k in keys], 0.0)  # fixed slots; never evicted
 
     @classmethod
-    def from_tables(cls, users_table: str | Path | None, items_table: str | Path | None) -> "InMemoryFeatureStore":
+    def from_tables(cls, users_table: str | Path | None, items_table: str | Path | None, missing_share: float = 0.5) -> "InMemoryFeatureStore":
         users = read_entity_table(users_table, "user") if users_table else {}
         items = read_entity_table(items_table, "item") if items_table else {}
-        log.info("feature_store %s", kv(kind="memory", users=len(users), items=len(items)))
-        return cls(users, items)
+        if users or items:
+            log.info("feature_store %s", kv(kind="memory", users=len(users), items=len(items)))
+        else:
+            log.warning("feature_store_empty %s", kv(kind="memory", users=0, items=0,
+                                                     hint="no Redis URL and no users/items tables: every user and item is scored with default features"))
+        return cls(users, items, missing_share)
+
+    def use_fields(self, plan: FieldPlan) -> None:
+        """Rows are in memory already: there is nothing to narrow."""
 
     async def fetch(self, user_id: str, item_ids: Sequence[str]) -> Fetched:
-        get = self.items.get
-        return Fetched(user=self.users.get(str(user_id)), items=[get(str(i)) for i in item_ids])
+        cache = self._rows
+        slots = cache.lookup(_keys(item_ids), 0.0)
+        items = FetchedItems(cache.rows_at(slots), cache, slots, cache.gen[slots])
+        return _judge_missing(Fetched(user=self.users.get(str(user_id)), items=items), self.missing_share)
+
+    async def check(self, max_age_s: float = 1.0) -> FeatureCheck:
+        """Always ok (the tables cannot vanish from memory); the row counts feed the gauge."""
+        from service.manifest import EntityCheck
+
+        entities = {e: EntityCheck(e, ok=True, rows=len(t)) for e, t in (("user", self.users), ("item", self.items))}
+        empty = not (self.users or self.items)
+        return FeatureCheck(ok=True, store=self.kind, entities=entities, reason="empty" if empty else None)
 
     async def ping(self) -> bool:
         return True
@@ -147,14 +172,25 @@ def _cluster_url(url: str) -> tuple[str, bool]:
     return url, False
 
 
+def _hmget_row(fields: Sequence[str], values: Sequence[Any]) -> Row | None:
+    row = {f: v for f, v in zip(fields, values) if v is not None}
+    return row or None
+
+
 @dataclass
 class RedisFeatureStore:
     """Redis hashes `{prefix}:{user|item}:{id}` read with one pipelined round trip.
 
-    `redis+cluster://host:port` selects Redis Cluster (the cluster pipeline splits the
-    HGETALLs by slot and sends them to each node concurrently). Retries are off: a request has
-    a few milliseconds, so a failed read degrades now rather than retrying past the deadline;
-    the client reconnects by itself on a later request once Redis is back.
+    Once the served models' fields are known (`use_fields`), only those are read (HMGET; the
+    id fields come from the request, so an entity whose only field is its id is not read at
+    all); until then whole hashes (HGETALL). Item rows are cached for `cache_ttl_s` in an
+    `ItemRowCache`, so a request of hot items reads only its user, or nothing.
+
+    `redis+cluster://host:port` selects Redis Cluster (the cluster pipeline splits the commands
+    by slot and sends them to each node concurrently). Retries are off: a request has a few
+    milliseconds, so a failed read degrades now rather than retrying past the deadline; the
+    client reconnects by itself on a later request once Redis is back. The deadline is a
+    `ReplyDeadline`: `timeout_s` from the send, by the store's clock, not the loop's.
     """
 
     url: str
@@ -162,16 +198,25 @@ class RedisFeatureStore:
     timeout_s: float = 0.05
     cache_items: int = 10_000
     cache_ttl_s: float = 30.0
+    missing_share: float = 0.5
+    require_manifest: bool = True
     kind: str = "redis"
     _client: Any = field(default=None, init=False, repr=False)
-    _cache: TTLCache = field(init=False, repr=False)
+    _rows: ItemRowCache = field(init=False, repr=False)
+    _lag: LoopLag = field(default_factory=LoopLag, init=False, repr=False)
+    _user_fields: tuple[str, ...] | None = field(default=None, init=False, repr=False)
+    _item_fields: tuple[str, ...] | None = field(default=None, init=False, repr=False)
+    _needs: dict[str, tuple[str, ...]] = field(default_factory=dict, init=False, repr=False)
+    _last_check: FeatureCheck | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         from redis.asyncio import Redis
         from redis.asyncio.cluster import RedisCluster
 
         url, cluster = _cluster_url(self.url)
-        common = dict(decode_responses=True, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s)
+        # The socket timeouts are only a backstop: the ReplyDeadline decides when a read is late.
+        backstop = max(1.0, 10 * self.timeout_s)
+        common = dict(decode_responses=True, socket_timeout=backstop, socket_connect_timeout=backstop)
         if cluster:
             self._client = RedisCluster.from_url(url, **common)
             self.kind = "redis_cluster"
@@ -180,44 +225,101 @@ class RedisFeatureStore:
             from redis.backoff import NoBackoff
 
             self._client = Redis.from_url(url, retry=Retry(NoBackoff(), 0), health_check_interval=0, **common)
-        self._cache = TTLCache(self.cache_items, self.cache_ttl_s)
+        self._rows = ItemRowCache(self.cache_items, self.cache_ttl_s)
+
+    def use_fields(self, plan: FieldPlan) -> None:
+        """Read a served model's fields too (the store reads the union over every model).
+
+        An entity is read only when a model reads a stored field of it besides its id (the id
+        comes from the request); the id field is read along, so an entity that exists but
+        lacks every other field is told apart from one that does not exist. Cached item rows
+        read with fewer fields are dropped.
+        """
+        users, items = self._user_fields, self._item_fields
+        if plan.stored_user:
+            users = tuple(dict.fromkeys((*(users or ()), *((plan.user_id,) if plan.user_id else ()), *plan.stored_user)))
+        if plan.stored_item:
+            items = tuple(dict.fromkeys((*(items or ()), *((plan.item_id,) if plan.item_id else ()), *plan.stored_item)))
+        if self._item_fields is not None and set(items or ()) - set(self._item_fields):
+            self._rows.clear()
+        self._user_fields, self._item_fields = users or (), items or ()
+        self._needs = {"user": plan.stored_user + self._needs.get("user", ()), "item": plan.stored_item + self._needs.get("item", ())}
 
     async def fetch(self, user_id: str, item_ids: Sequence[str]) -> Fetched:
         now = time.monotonic()
-        items: list[Row | None] = [None] * len(item_ids)
-        todo: list[int] = []
-        # The cache lookup is inlined (one dict probe per item, no method calls): with hot
-        # items it is most of this function's CPU time.
-        data = self._cache._data
-        probe, touch = data.get, data.move_to_end
-        for i, item_id in enumerate(item_ids):
-            key = item_id if type(item_id) is str else str(item_id)
-            hit = probe(key)
-            if hit is not None and hit[0] >= now:
-                items[i] = hit[1]
-                touch(key)
-            else:
-                todo.append(i)
-        hits = len(item_ids) - len(todo)
+        keys = _keys(item_ids)
+        cache = self._rows
+        slots = cache.lookup(keys, now)
+        rows = cache.rows_at(slots)
+        gens = cache.gen[slots]
+        todo = np.flatnonzero(slots < 0).tolist()
+        ufields, ifields = self._user_fields, self._item_fields
+        read_user = ufields is None or bool(ufields)
+        read_items = bool(todo) and (ifields is None or bool(ifields))
+        user: Row | None = {}  # not read: no served model reads a stored user field
+        new_rows: list[Row | None] = [{} for _ in todo]  # likewise for items
+        if read_user or read_items:
+            ukey = entity_key(self.prefix, "user", user_id)
+            try:
+                async with ReplyDeadline(self.timeout_s, self._lag):
+                    if read_items:
+                        pipe = self._client.pipeline(transaction=False)
+                        if read_user:
+                            pipe.hgetall(ukey) if ufields is None else pipe.hmget(ukey, ufields)
+                        for i in todo:
+                            k = entity_key(self.prefix, "item", keys[i])
+                            pipe.hgetall(k) if ifields is None else pipe.hmget(k, ifields)
+                        replies = await pipe.execute()
+                    else:  # every item cached: one plain command, cheaper than a pipeline
+                        replies = [await (self._client.hgetall(ukey) if ufields is None else self._client.hmget(ukey, ufields))]
+            except Exception as exc:  # any store failure degrades; the reason is counted
+                return Fetched(None, FetchedItems(rows, cache, slots, gens), degraded=True, reason=type(exc).__name__,
+                               cache_hits=len(keys) - len(todo), cache_misses=len(todo))
+            if read_user:
+                user = (replies[0] or None) if ufields is None else _hmget_row(ufields, replies[0])
+                replies = replies[1:]
+            if read_items:
+                new_rows = [(r or None) if ifields is None else _hmget_row(ifields, r) for r in replies]
+        if todo:
+            slots[todo], gens[todo] = cache.put([keys[i] for i in todo], new_rows, now)
+            for i, row in zip(todo, new_rows):
+                rows[i] = row
+        fetched = Fetched(user, FetchedItems(rows, cache, slots, gens), cache_hits=len(keys) - len(todo), cache_misses=len(todo))
+        return _judge_missing(fetched, self.missing_share)
+
+    async def check(self, max_age_s: float = 1.0) -> FeatureCheck:
+        """Compare Redis with the manifests `ctr features load` wrote (cached for `max_age_s`).
+
+        Entities checked: those the served models read stored fields from (both before
+        `use_fields`). Not ok when a manifest is missing (unless `require_manifest` is off),
+        names no rows, lacks a field a model reads, or any sampled id lost its row.
+        """
+        last = self._last_check
+        if last is not None and time.time() - last.checked_at < max_age_s:
+            return last
+        needs: dict[str, tuple[str, ...] | None] = {e: self._needs.get(e) if self._item_fields is not None else None for e in ENTITIES}
+        wanted = [e for e in ENTITIES if needs[e] is None or needs[e]]
         try:
-            # asyncio.timeout, not wait_for: no extra task per request.
-            async with asyncio.timeout(self.timeout_s * 2):
-                if todo:
+            async with asyncio.timeout(max(self.timeout_s * 4, 0.5)):
+                raw = await self._client.mget([manifest_key(self.prefix, e) for e in wanted]) if wanted else []
+                manifests = {e: (Manifest.from_json(t) if t else None) for e, t in zip(wanted, raw)}
+                found: dict[str, int] = {}
+                if any(m and m.sample for m in manifests.values()):
                     pipe = self._client.pipeline(transaction=False)
-                    pipe.hgetall(entity_key(self.prefix, "user", user_id))
-                    for i in todo:
-                        pipe.hgetall(entity_key(self.prefix, "item", item_ids[i]))
-                    replies = await pipe.execute()
-                else:  # every item cached: one plain command, cheaper than a pipeline
-                    replies = [await self._client.hgetall(entity_key(self.prefix, "user", user_id))]
-        except Exception as exc:  # any store failure degrades; the reason is counted
-            return Fetched(None, items, degraded=True, reason=type(exc).__name__, cache_hits=hits, cache_misses=len(todo))
-        put = self._cache.put
-        for i, row in zip(todo, replies[1:]):
-            if row:
-                items[i] = row
-                put(str(item_ids[i]), row, now)
-        return Fetched(replies[0] or None, items, cache_hits=hits, cache_misses=len(todo))
+                    order = [e for e, m in manifests.items() if m and m.sample]
+                    for e in order:
+                        pipe.exists(*(entity_key(self.prefix, e, i) for i in manifests[e].sample))
+                    found = dict(zip(order, await pipe.execute()))
+        except Exception as exc:
+            result = FeatureCheck(ok=False, store=self.kind, reason=f"store_error:{type(exc).__name__}")
+        else:
+            entities = {e: judge(e, m, needs[e], found.get(e, 0), self.require_manifest) for e, m in manifests.items()}
+            bad = [f"{e}:{c.reason}" for e, c in entities.items() if not c.ok]
+            result = FeatureCheck(ok=not bad, store=self.kind, entities=entities, reason=";".join(bad) or None)
+        if not result.ok and (last is None or last.ok or last.reason != result.reason):
+            log.warning("feature_data_not_ok %s", kv(store=self.kind, prefix=self.prefix, reason=result.reason))
+        self._last_check = result
+        return result
 
     async def ping(self) -> bool:
         try:
@@ -226,6 +328,7 @@ class RedisFeatureStore:
             return False
 
     async def close(self) -> None:
+        self._lag.stop()
         try:
             await self._client.aclose()
         except Exception:  # closing a dead connection must not block shutdown
@@ -234,9 +337,17 @@ class RedisFeatureStore:
 
 def build_store(cfg: "Any") -> FeatureStore:
     """Redis when a URL is configured, else the embedded store from the configured tables."""
+    share = getattr(cfg, "missing_share_degraded", 0.5)
     if cfg.redis_url:
-        return RedisFeatureStore(cfg.redis_url, cfg.prefix, cfg.timeout_s, cfg.cache_items, cfg.cache_ttl_s)
-    return InMemoryFeatureStore.from_tables(cfg.users_table, cfg.items_table)
+        return RedisFeatureStore(cfg.redis_url, cfg.prefix, cfg.timeout_s, cfg.cache_items, cfg.cache_ttl_s,
+                                 missing_share=share, require_manifest=getattr(cfg, "require_manifest", True))
+    return InMemoryFeatureStore.from_tables(cfg.users_table, cfg.items_table, share)
+
+
+async def features_ready(store: FeatureStore) -> tuple[bool, dict[str, Any]]:
+    """The readiness hook: (ok, a JSON-able summary for the /readyz body)."""
+    check = await store.check()
+    return check.ok, check.as_dict()
 
 
 def _redis_value(v: Any) -> str | int | float:
@@ -248,11 +359,13 @@ def _redis_value(v: Any) -> str | int | float:
 
 def bulk_load(
     table: str | Path, entity: str, url: str, prefix: str = "ctr", ttl_s: int = 0, chunk: int = 2000
-) -> dict[str, float]:
-    """Write a users/items table into Redis hashes with pipelining; returns rows and rows/s.
+) -> dict[str, Any]:
+    """Write a users/items table into Redis hashes with pipelining, then its manifest.
 
     One HSET (+EXPIRE) per row, sent `chunk` rows per round trip: the network, not Redis,
-    is the bottleneck of a bulk load, so the round-trip count is what matters.
+    is the bottleneck of a bulk load, so the round-trip count is what matters. The manifest
+    (service/manifest.py) is written last, so it only names data that is all there, and
+    expires with the rows.
     """
     import redis
     from redis.cluster import RedisCluster
@@ -263,8 +376,10 @@ def bulk_load(
     t0 = time.perf_counter()
     pipe = client.pipeline(transaction=False)
     n = 0
+    fields: dict[str, None] = {}
     for entity_id, row in rows.items():
         key = entity_key(prefix, entity, entity_id)
+        fields.update(dict.fromkeys(row))
         pipe.delete(key)
         pipe.hset(key, mapping={k: _redis_value(v) for k, v in row.items()})
         if ttl_s:
@@ -274,5 +389,8 @@ def bulk_load(
             pipe.execute()
     pipe.execute()
     seconds = time.perf_counter() - t0
+    manifest = Manifest(entity=entity, fields=list(fields), rows=n, fingerprint=file_sha256(table), loaded_at=time.time(),
+                        source=Path(table).name, ttl_s=int(ttl_s), sample=spread_sample(list(rows)))
+    client.set(manifest_key(prefix, entity), manifest.to_json(), ex=ttl_s or None)
     client.close()
-    return {"rows": n, "seconds": seconds, "rows_per_s": n / max(seconds, 1e-9)}
+    return {"rows": n, "seconds": seconds, "rows_per_s": n / max(seconds, 1e-9), "manifest": manifest}
