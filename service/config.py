@@ -75,6 +75,9 @@ class ScorerConfig(_Strict):
     # Roughly 1.5x steps: a batch pays for its bucket's rows, so coarse steps (128 -> 512) made a
     # typical 165-row batch cost 3x its rows and added ~2 ms to p50 at light load.
     buckets: list[int] = [1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
+    # Pad batches up to a bucket: None = only on CUDA (on CPU the padded rows cost more than
+    # a new shape does, see docs/benchmarks.md "Padding").
+    pad_to_buckets: bool | None = None
     warmup_runs: int = Field(2, ge=1)
 
     @field_validator("buckets")
@@ -88,10 +91,15 @@ class ScorerConfig(_Strict):
 class FeaturesConfig(_Strict):
     redis_url: str | None = None
     prefix: str = "ctr"
-    ttl_s: int = Field(7 * 24 * 3600, ge=0)
     # What to do when Redis does not answer: serve default features (degraded) or refuse.
     on_store_error: Literal["degrade", "reject"] = "degrade"
+    # Counted from the send; the loop's own lag is waited out first (service/deadline.py).
     timeout_s: float = Field(0.05, gt=0)
+    # An answer is degraded (reason "missing_features") when more than this share of its
+    # entities (the user and the items) are unknown to the store; 1 turns it off.
+    missing_share_degraded: float = Field(0.5, ge=0, le=1)
+    # Redis: the features are not ready without the manifest `ctr features load` writes.
+    require_manifest: bool = True
     # Embedded store tables (parquet/csv) used when redis_url is not set.
     users_table: str | None = None
     items_table: str | None = None
