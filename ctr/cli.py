@@ -71,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def require_training() -> None:
+    """Fail at once, naming the extra, in a command that needs the training dependencies
+    only in a later step (the quickstart runs its steps as child processes)."""
+    import importlib.util
+
+    for module in TRAIN_ONLY:
+        if importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(f"No module named '{module}'", name=module)
+
+
 def _missing_train_module(exc: BaseException) -> str | None:
     name = getattr(exc, "name", None) or ""
     top = name.split(".")[0]

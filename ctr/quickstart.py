@@ -279,6 +279,9 @@ def serve(wd: Workdir, args: argparse.Namespace, body: dict[str, Any], scores: d
 
 
 def run(args: argparse.Namespace) -> int:
+    from ctr.cli import require_training
+
+    require_training()  # data, train and export need the `train` extra; say so before step 1
     t_start = time.perf_counter()
     wd = Workdir(Path(args.workdir).resolve())
     s = _settings(args)

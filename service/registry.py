@@ -33,6 +33,7 @@ from service.config import ServiceConfig, VariantConfig
 from service.encoding import FastEncoder, RequestEncoder
 from service.metrics import Metrics
 from service.package import Package, PackageRefused, latest_version, list_versions, load_package
+from service.providers import choose_providers
 from service.scorer import Scorer
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,8 @@ class Registry:
         sc = self.cfg.scorer
         buckets = sorted(set(sc.buckets) | {self.cfg.batcher.max_batch_rows})
         try:
-            scorer = Scorer(pkg.onnx_path, sc.providers, sc.intra_op_threads, sc.inter_op_threads, buckets, pkg.input_name, pkg.output_name)
+            # Only providers that can load here: no CUDA error on a CPU host (service/providers.py).
+            scorer = Scorer(pkg.onnx_path, choose_providers(sc.providers), sc.intra_op_threads, sc.inter_op_threads, buckets, pkg.input_name, pkg.output_name)
             if scorer.num_fields is not None and scorer.num_fields != pkg.spec.num_fields:
                 raise PackageRefused(f"model takes {scorer.num_fields} fields, spec has {pkg.spec.num_fields}")
         except PackageRefused:

@@ -124,6 +124,9 @@ def test_fresh_start_skips_bad_newest_versions_and_serves_the_newest_good(synth_
         assert rec["level"] == "WARNING" and rec["reason"] == reason and rec["model"] == "synth", rec
         assert {"time", "logger", "error"} <= set(rec)
     assert "Traceback" not in out
+    providers = [r for r in records if r["event"] == "onnxruntime_providers"]
+    assert len(providers) == 1 and providers[0]["level"] == "INFO", out[-4000:]
+    assert "libonnxruntime_providers_cuda" not in out and "[E:onnxruntime" not in out, out[-4000:]
 
 
 def test_no_servable_version_exits_non_zero_with_one_line(synth_spec, synth_dir, tmp_path):
