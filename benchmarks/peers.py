@@ -267,10 +267,15 @@ class Server:
         return self.peer.path if self.peer else "/score"
 
 
+def interpreter(peer: Peer) -> str:
+    """The Python a peer runs on: its own virtualenv's where it has one, else this one."""
+    return str(ROOT / peer.venv / "bin" / "python") if peer.venv else sys.executable
+
+
 def launch_peer(peer: Peer, onnx: Path, items: int, log: Path) -> Server:
     port = free_port(3)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", peer.module, "--model", str(onnx), "--port", str(port), "--max-batch-rows", "1024",
+    cmd = [interpreter(peer), "-m", peer.module, "--model", str(onnx), "--port", str(port), "--max-batch-rows", "1024",
            "--max-delay-ms", "2", "--items", str(items)]
     t0 = time.perf_counter()
     with open(log, "ab") as fh:
@@ -443,7 +448,13 @@ def available(names: list[str]) -> list[str]:
         peer = PEERS.get(name)
         if name != CTR and peer is None:
             raise SystemExit(f"unknown server {name!r}: choose from {[CTR, *PEERS]}")
-        if peer and peer.extra and importlib.util.find_spec(peer.extra.split(".")[0]) is None:
+        if peer and peer.venv:
+            python = interpreter(peer)
+            found = Path(python).exists() and subprocess.run([python, "-c", f"import {peer.extra}"], capture_output=True).returncode == 0
+            if not found:
+                print(f"skipping {name}: no {peer.venv} with `{peer.extra}` (see benchmarks/peer_servers/__init__.py)", flush=True)
+                continue
+        elif peer and peer.extra and importlib.util.find_spec(peer.extra.split(".")[0]) is None:
             print(f"skipping {name}: `{peer.extra}` is not installed (pip install '.[peers]')", flush=True)
             continue
         out.append(name)
@@ -497,7 +508,8 @@ def bench_package(pkg: Package, wl: Workload, servers: list[str], scenarios: lis
                               f"  {row['loadgen']} CPU {row['loadgen_cpu_ms_per_req']:.3f} ms/req", flush=True)
                     results.append(row)
             except Exception as exc:  # one server failing must not lose the others' figures
-                print(f"[{pkg.label}] {name}: FAILED: {exc} (log: {log})", flush=True)
+                tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+                print(f"[{pkg.label}] {name}: FAILED: {exc}\n{tail}", flush=True)
                 for sc in (s for s in scenarios if s.items in group):
                     results.append({"model": pkg.label, "server": name, "items": sc.items, "conns": sc.conns, "skipped": f"failed: {exc}"})
             finally:

@@ -5,7 +5,8 @@ run as `python -m benchmarks.peer_servers.<module> --model PATH --port P ...`. T
 pre-encoded int64 tokens (a user of a generic model server encodes on the client), so they
 do less work per request than ctr-serve, which fetches features and encodes raw requests.
 This registry is importable without any peer installed: `extra` names the package that
-`pip install '.[peers]'` brings for it.
+`pip install '.[peers]'` brings for it, or, for PyTriton, its own virtualenv holds
+(`python -m venv .venv-pytriton && .venv-pytriton/bin/pip install nvidia-pytriton onnxruntime`).
 """
 
 from __future__ import annotations
@@ -25,13 +26,17 @@ class Peer:
     # "rows": the batcher caps batches in rows, like ctr-serve (one launch per model);
     # "requests": it caps in requests, so it is relaunched per request size with the same row cap.
     batch_unit: Literal["rows", "requests", "none"] = "rows"
+    # A virtualenv (relative to the repository root) the server runs from instead of the
+    # project's, for a peer whose pins cannot share the project's environment.
+    venv: str | None = None
 
 
 PEERS: dict[str, Peer] = {
     p.name: p
     for p in (
         Peer("naive", "benchmarks.peer_servers.naive_fastapi", "/score", "tokens", "none (one Session.run per request)", None, "none"),
-        Peer("pytriton", "benchmarks.peer_servers.pytriton_batcher", "/v2/models/ctr/infer", "kserve", "Triton dynamic batcher", "pytriton"),
+        Peer("pytriton", "benchmarks.peer_servers.pytriton_batcher", "/v2/models/ctr/infer", "kserve", "Triton dynamic batcher", "pytriton",
+             venv=".venv-pytriton"),
         Peer("litserve", "benchmarks.peer_servers.litserve_batch", "/score", "tokens", "LitServe max_batch_size", "litserve", "requests"),
         Peer("ray-serve", "benchmarks.peer_servers.ray_serve_batch", "/score", "tokens", "Ray Serve @serve.batch", "ray.serve"),
     )
