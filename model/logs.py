@@ -107,6 +107,15 @@ def setup_logging(level: str | None = None, fmt: str | None = None) -> None:
     root.setLevel(level)
 
 
+def uvicorn_log_config() -> dict[str, Any]:
+    """uvicorn's `log_config` that hands its loggers to the root handler, so its own lines
+    (start-up, shutdown, errors) come out in the process's format, JSON included, instead of
+    uvicorn's fixed text format."""
+    own = {"handlers": [], "propagate": True}
+    return {"version": 1, "disable_existing_loggers": False,
+            "loggers": {"uvicorn": dict(own), "uvicorn.error": dict(own), "uvicorn.access": dict(own)}}
+
+
 def kv(**fields: object) -> KV:
     """Render key=value pairs, quoting values with spaces, for grep-able structured lines."""
     parts = []

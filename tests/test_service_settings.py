@@ -168,3 +168,19 @@ def test_log_format_comes_from_the_flag_or_the_environment(tmp_path, synth_spec)
             assert rec["level"] == "WARNING" and rec["version"] == 1 and rec["reason"] == "checksum"
         else:
             assert warning[0].split()[2:5] == ["WARNING", "service.registry", "model_version_skipped"], warning
+
+
+def test_uvicorn_lines_follow_the_process_log_format():
+    """With `log_config=uvicorn_log_config()`, uvicorn's own records reach the root handler."""
+    code = (
+        "import logging, uvicorn\n"
+        "from model.logs import setup_logging, uvicorn_log_config\n"
+        "setup_logging('INFO', 'json')\n"
+        "uvicorn.Config(app=lambda *a: None, log_config=uvicorn_log_config(), log_level='info')\n"
+        "logging.getLogger('uvicorn.error').info('Started server process [%d]', 42)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    (line,) = [line for line in out.stderr.splitlines() if line.strip()]
+    rec = json.loads(line)
+    assert rec["logger"] == "uvicorn.error" and rec["event"] == "Started server process [42]" and rec["level"] == "INFO"
