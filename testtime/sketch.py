@@ -14,6 +14,7 @@ merging gives exactly the table of one pass.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,6 +101,13 @@ class CountMinSketch:
             np.minimum(est, t[j][cells[j]], out=est)
         return est
 
+    def first_row(self, keys: np.ndarray) -> np.ndarray:
+        """Hash row 0's counter for each key: an upper bound too, a quarter of `estimate`'s cost."""
+        keys = np.ascontiguousarray(keys, dtype=np.uint64).reshape(-1)
+        with np.errstate(over="ignore"):
+            cells = (keys * self.a[0] + self.b[0]) >> _U64(64 - int(math.log2(self.width)))
+        return self.table[0][cells.view(np.int64)]
+
     def estimate(self, keys: np.ndarray) -> np.ndarray:
         """Upper-bound counts (int64) of `keys`, same shape as `keys`."""
         keys = np.asarray(keys)
@@ -151,18 +159,21 @@ class HeavyHitters:
         """Keys not offered (below the threshold) had at most `bound` occurrences so far."""
         self.floor = max(self.floor, int(bound))
 
-    def offer(self, keys: np.ndarray, counts: np.ndarray, estimates: np.ndarray) -> None:
-        """`keys` unique; `counts` their exact counts in the chunk; `estimates` their count-min estimates."""
+    def offer(self, keys: np.ndarray, counts: np.ndarray, estimate: Callable[[np.ndarray], np.ndarray]) -> None:
+        """`keys` unique; `counts` their exact counts in the chunk; `estimate(keys)` their
+        count-min estimates, asked only for keys not tracked yet. A tracked key's ranking bound
+        grows by its chunk count (its true bound comes from the sketch in `finalize`)."""
         if keys.size == 0:
             return
         found, pos = self._find(keys)
         if found.any():
             self.lower[pos[found]] += counts[found]
-            self.upper[pos[found]] = np.maximum(self.upper[pos[found]], estimates[found])
+            self.upper[pos[found]] += counts[found]
         new = ~found
         if new.any():
-            self._set(np.concatenate([self.keys, keys[new]]), np.concatenate([self.lower, counts[new]]),
-                      np.concatenate([self.upper, estimates[new]]))
+            fresh = keys[new]
+            self._set(np.concatenate([self.keys, fresh]), np.concatenate([self.lower, counts[new]]),
+                      np.concatenate([self.upper, np.maximum(estimate(fresh), counts[new])]))
 
     def _find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.keys.size == 0:
@@ -172,11 +183,18 @@ class HeavyHitters:
 
     def _set(self, keys: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> None:
         if keys.size > self.capacity:
-            # Keep the largest estimates; ties broken by key so the result does not depend on order.
-            order = np.lexsort((keys, -upper))
-            self.floor = max(self.floor, int(upper[order[self.capacity :]].max()))
-            order = order[: self.capacity]
-            keys, lower, upper = keys[order], lower[order], upper[order]
+            # Keep the largest estimates. Ties at the cut are broken by key, so the kept set
+            # does not depend on the order keys arrived in.
+            cut = np.partition(upper, keys.size - self.capacity)[keys.size - self.capacity]
+            above, at = upper > cut, upper == cut
+            need = self.capacity - int(above.sum())
+            tied = np.flatnonzero(at)
+            tied = tied[np.argsort(keys[tied], kind="stable")]
+            kept = np.concatenate([np.flatnonzero(above), tied[:need]])
+            dropped = np.ones(keys.size, bool)
+            dropped[kept] = False
+            self.floor = max(self.floor, int(upper[dropped].max()))
+            keys, lower, upper = keys[kept], lower[kept], upper[kept]
         order = np.argsort(keys, kind="stable")
         self.keys, self.lower, self.upper = keys[order], lower[order], upper[order]
 

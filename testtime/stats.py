@@ -297,11 +297,21 @@ class StatsBuilder:
         columns = np.ascontiguousarray(tokens.T)
         for o, cms in self.sketches.items():
             keys = self.layouts[o].keys_t(columns).reshape(-1)
-            cms.update(keys)
-            # Heavy hitters: the chunk's exact counts, ranked by their count-min estimates;
-            # only the chunk's distinct keys are looked up, not every occurrence.
+            cells = cms.cells(keys)
+            cms.add_cells(cells)
+            # Heavy hitters: the chunk's exact counts of the keys that can still enter, ranked
+            # by their count-min estimates. Once the summary is full, one hash row (itself an
+            # upper bound) screens out the keys below its threshold before the sort.
+            hh = self.heavy[o]
+            thr = hh.threshold
+            if thr > 0:
+                first = cms.table[0][cells[0]]
+                keep = first >= thr
+                if not keep.all():
+                    hh.note_dropped(int(first[~keep].max()))
+                    keys = keys[keep]
             uniq, counts = chunk_counts(keys)
-            self.heavy[o].offer(uniq, counts, cms.estimate(uniq))
+            hh.offer(uniq, counts, cms.estimate)
 
     def finish(self, **extra: Any) -> ComboStats:
         for o, hh in self.heavy.items():
