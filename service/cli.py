@@ -80,7 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
 
-    from service.workers import Plan, Supervisor, default_intra_op_threads, default_workers
+    from service.workers import Plan, Supervisor, default_intra_op_threads, default_workers, usable_cores
 
     cfg = build_config(args)
     workers = args.workers if args.workers else default_workers(cfg.scorer.providers)
@@ -94,6 +94,11 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     if cfg.scorer.intra_op_threads == 0:  # "all cores" per worker would oversubscribe them
         cfg = cfg.model_copy(update={"scorer": cfg.scorer.model_copy(update={"intra_op_threads": default_intra_op_threads(workers)})})
+    elif workers * cfg.scorer.intra_op_threads > usable_cores():
+        logging.getLogger("service").warning(
+            "threads_oversubscribed workers=%d intra_op_threads=%d cores=%d (intra_op_threads 0 picks one per worker)",
+            workers, cfg.scorer.intra_op_threads, usable_cores(),
+        )
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
     plan = Plan(workers=workers, host=args.host, port=args.port, drain_grace_s=cfg.drain_grace_s, log_level=level)
     return Supervisor(cfg, plan, Path(args.run_dir) if args.run_dir else None).run()
@@ -103,5 +108,7 @@ def _features_load(args: argparse.Namespace) -> int:
     from service.features import bulk_load
 
     out = bulk_load(args.table, args.entity, args.redis, args.prefix, args.ttl)
-    print(json.dumps({"entity": args.entity, "rows": out["rows"], "seconds": round(out["seconds"], 3), "rows_per_s": round(out["rows_per_s"])}))
+    m = out["manifest"]
+    print(json.dumps({"entity": args.entity, "rows": out["rows"], "seconds": round(out["seconds"], 3), "rows_per_s": round(out["rows_per_s"]),
+                      "manifest": {"key": f"{args.prefix}:manifest:{args.entity}", "fields": m.fields, "fingerprint": m.fingerprint}}))
     return 0

@@ -1,8 +1,11 @@
-"""onnxruntime scoring of token batches, padded to warmed bucket sizes.
+"""onnxruntime scoring of token batches: exact shapes on CPU, padded to warmed buckets on CUDA.
 
-Why buckets: the first run of a new input shape costs far more than later ones (allocation,
-kernel selection, on CUDA a graph capture), so every batch is padded with PAD rows up to the
-next bucket and each bucket is run before the service reports ready. Why report the provider:
+Why buckets: the first run of a new input shape costs more than later ones (allocation,
+kernel selection, on CUDA a graph capture), so on CUDA every batch is padded with PAD rows up
+to the next bucket and each bucket is run before the service reports ready. On CPU the padded
+rows cost more than new shapes do: over a stream of batches of random sizes, exact shapes took
+8% (DNN) and 13% (DGenCTR) less time than padded ones (benchmarks/padding.py, docs/benchmarks.md),
+so there the batch runs as it is (`pad`, default: only on CUDA). Why report the provider:
 onnxruntime silently falls back to CPU when CUDA cannot load, and a GPU service that quietly
 runs on CPU is an outage nobody sees. Thread counts are set explicitly because the default
 (one intra-op thread per core, plus spinning) fights the event loop and the other workers.
@@ -32,6 +35,7 @@ class Scorer:
         buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024),
         input_name: str = "tokens",
         output_name: str = "probability",
+        pad: bool | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -56,16 +60,13 @@ class Scorer:
         shape = inputs[0].shape
         self.num_fields = shape[1] if len(shape) == 2 and isinstance(shape[1], int) else None
         self.use_iobinding = self.provider == "CUDAExecutionProvider"
+        self.pad = self.use_iobinding if pad is None else bool(pad)
         if self.provider != wanted[0]:
             log.warning("scorer_fallback %s", kv(requested=wanted[0], active=self.provider))
         log.info(
             "scorer %s",
-            kv(model=model_path, provider=self.provider, intra_op=opts.intra_op_num_threads, buckets=self.buckets, iobinding=self.use_iobinding),
+            kv(model=model_path, provider=self.provider, intra_op=opts.intra_op_num_threads, buckets=self.buckets, pad=self.pad, iobinding=self.use_iobinding),
         )
-
-    @property
-    def max_bucket(self) -> int:
-        return self.buckets[-1]
 
     def bucket_for(self, rows: int) -> int:
         for b in self.buckets:
@@ -74,18 +75,19 @@ class Scorer:
         return rows  # larger than every bucket: the batcher never sends this, direct callers may
 
     def warmup(self, num_fields: int, runs: int = 2) -> None:
-        """Run every bucket shape so the first real request does not pay for it."""
+        """Run every bucket shape so the first real request does not pay for it (unpadded, the
+        same sizes still grow onnxruntime's memory arena to the batches it will see)."""
         for b in self.buckets:
             tokens = np.zeros((b, num_fields), dtype=np.int64)
             for _ in range(runs):
                 self._run(tokens)
 
     def score(self, tokens: np.ndarray) -> np.ndarray:
-        """Probabilities for tokens [rows, F]; pads to a bucket and trims the padding off."""
+        """Probabilities for tokens [rows, F]; when padding, pads to a bucket and trims it off."""
         rows = tokens.shape[0]
         if rows == 0:
             return np.empty(0, dtype=np.float32)
-        size = self.bucket_for(rows)
+        size = self.bucket_for(rows) if self.pad else rows
         if size != rows:
             padded = np.zeros((size, tokens.shape[1]), dtype=np.int64)  # PAD_ID == 0
             padded[:rows] = tokens
