@@ -48,53 +48,51 @@ VARIANTS = ("dnn", "deepfm", "dcnv2", "dgenctr", "dgenctr-scratch", "dgenctr-emb
 # so with them the whole benchmark would take well over two hours instead of ~73 min.
 DEFAULT_VARIANTS = VARIANTS[:7]
 
-# The settings the benchmark uses; docs/results.md records how they were chosen.
-# Epoch caps ("epochs") keep the whole benchmark inside 90 minutes on 2 cores; --max-epochs overrides both.
-BASELINE = {"model": {"embedding_dim": 10, "hidden": [400, 400, 400], "dropout": 0.2, "batch_norm": True},
-            "train": {"batch_size": 4096, "lr": 1e-3, "embedding_l2": 0.05, "epochs": 20}}
-# DGenCTR without dropout: 0.1 held its valid AUC ~0.02 lower at equal epochs (docs/results.md, #16-#19).
-# Stage 1 runs 10 epochs: with 2, full transfer ended below scratch; 10 brought it level (final table).
-DGENCTR = {"model": {"d_model": 32, "layers": 2, "heads": 4, "dropout": 0.0, "readout": "concat", "head_hidden": 256},
-           "train": {"batch_size": 1024, "lr": 1e-3, "embedding_l2": 0.005, "epochs": 12},
-           "pretrain": {"epochs": 10, "batch_size": 2048, "lr": 3e-3, "schedule": "linear", "tau": 0.1, "num_negatives": 512}}
-# The masked recipe (docs/results.md, tenth and eleventh rounds, #81 and #82): fields masked in
-# training, an exponential moving average of the weights scored and kept, and a constant LR in
-# place of the decay. DGenCTR is trained from scratch at width 64 with the DNN's tower as its
-# label head. The EMA horizon is ~1 epoch for both (0.995 at 197 steps, 0.98 at 49). Without a
-# decay the average climbs slowly and unevenly (DGenCTR's valid AUC rose until epoch 34 of 40
-# on seed 3), so the pair has its own patience of 6 and a cap of 40 epochs.
-MASKED = {
-    "dnn-masked": {"model": BASELINE["model"],
-                   "train": {**BASELINE["train"], "epochs": 40, "patience": 6, "lr_decay": 1.0, "ema_decay": 0.98},
-                   "field_mask_rate": 0.1},
-    "dgenctr-masked": {"model": {"d_model": 64, "layers": 2, "heads": 4, "dropout": 0.0, "readout": "concat",
-                                 "head_hidden": [400, 400, 400], "head_batch_norm": True, "head_dropout": 0.2},
-                       "train": {**DGENCTR["train"], "epochs": 40, "patience": 6, "lr_decay": 1.0, "ema_decay": 0.995},
-                       "field_mask_rate": 0.2, "pretrain_mode": "none"},
+# Each variant is a recipe file (recipes/, read by `ctr train --config` too) plus, for the
+# ablations, the keys it changes; docs/results.md records how the recipes were chosen.
+# The plain variants (no masking, no weight average; the default run) read the data set's
+# plain preset: recipes/frappe_x1/plain/MODEL.yaml on Frappe_x1, recipes/synthetic/MODEL.yaml
+# on synthetic data (the same settings). Their epoch caps (20 baselines, 12 DGenCTR) keep
+# the whole benchmark inside 90 minutes on 2 cores; --max-epochs overrides every cap.
+PLAIN_RECIPES = {"frappe_x1": "frappe_x1/plain", "synthetic": "synthetic"}
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "dgenctr-scratch": {"pretrain_mode": "none"},
+    "dgenctr-emb-only": {"pretrain_mode": "embedding"},
+    "dgenctr-no-label": {"pretrain.mask_label": False},
 }
-# The two-stage model with the same stage 2 (twelfth round, #83): the d64 network's 10-epoch
-# stage 1, then every tensor transferred but blended with the fresh initialisation, a quarter
-# kept (--transfer-keep 0.25). A plain transfer of this stage 1 fell behind training from scratch.
-MASKED["dgenctr-masked-2stage"] = {**MASKED["dgenctr-masked"], "pretrain_mode": "full", "transfer_keep": 0.25}
+# The masked recipe (tenth to twelfth rounds): Frappe_x1's recommended recipes, which the
+# benchmark runs on synthetic data too. `dnn-masked` is #82/#85, `dgenctr-masked` the d64
+# network from scratch (#81/#84), `dgenctr-masked-2stage` the two-stage model with a quarter of
+# each stage-1 tensor kept (#83).
+MASKED_RECIPES = {
+    "dnn-masked": "frappe_x1/dnn",
+    "dgenctr-masked": "frappe_x1/dgenctr-scratch",
+    "dgenctr-masked-2stage": "frappe_x1/dgenctr",
+}
+
+
+def recipe_of(variant: str, spec: str) -> tuple[str, dict[str, Any]]:
+    """The recipe name a variant runs on this spec's data set, and the keys its ablation changes."""
+    if variant in MASKED_RECIPES:
+        return MASKED_RECIPES[variant], {}
+    model_type = "dgenctr" if variant.startswith("dgenctr") else variant
+    plain = PLAIN_RECIPES.get(spec, PLAIN_RECIPES["synthetic"])
+    return f"{plain}/{model_type}", ABLATIONS.get(variant, {})
 
 
 def run_config(variant: str, seed: int, args: argparse.Namespace, out: Path, pretrained: Path | None):
-    from model.diffusion import PretrainConfig
-    from model.pipeline import RunConfig
-    from model.trainer import TrainConfig
+    from model import run_config as recipes
 
-    model_type = "dgenctr" if variant.startswith("dgenctr") else variant.removesuffix("-masked")
-    preset = MASKED.get(variant) or (DGENCTR if model_type == "dgenctr" else BASELINE)
-    given = {k: v for k, v in {"epochs": args.max_epochs, "patience": args.patience}.items() if v}
-    train = TrainConfig(**{"patience": 2, **preset["train"], **given, "seed": seed, "progress": not args.no_progress})
-    stage1 = DGENCTR["pretrain"] if model_type == "dgenctr" else {}
-    pre = PretrainConfig(**{**stage1, **({"epochs": args.pretrain_epochs} if args.pretrain_epochs else {}),
-                            "mask_label": variant != "dgenctr-no-label"})
-    mode = {"dgenctr-scratch": "none", "dgenctr-emb-only": "embedding"}.get(variant, preset.get("pretrain_mode", "full"))
-    return RunConfig(model_type=model_type, spec=args.spec, data=str(args.data), out=str(out), seed=seed,
-                     model=dict(preset["model"]), train=train, pretrain=pre, pretrain_mode=mode,
-                     pretrained=str(pretrained) if pretrained else None, threads=args.threads,
-                     field_mask_rate=preset.get("field_mask_rate", 0.0), transfer_keep=preset.get("transfer_keep", 1.0))
+    name, ablation = recipe_of(variant, args.spec)
+    raw = recipes.load(recipes.find_recipe(name))
+    for key, value in ablation.items():
+        recipes.assign(raw, key, value, where=variant)
+    knobs = {"train.epochs": args.max_epochs, "train.patience": args.patience, "pretrain.epochs": args.pretrain_epochs}
+    for key, value in {**{k: v for k, v in knobs.items() if v}, "spec": args.spec, "data": str(args.data), "seed": seed,
+                       "threads": args.threads, "train.progress": not args.no_progress,
+                       "pretrained": str(pretrained) if pretrained else None}.items():
+        recipes.assign(raw, key, value, where=variant)
+    return recipes.to_run_config(raw, str(out), where=f"recipe {name}")
 
 
 def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -208,11 +206,11 @@ def main() -> int:
     ap.add_argument("--models", default=",".join(DEFAULT_VARIANTS),
                     help=f"comma-separated, from {', '.join(VARIANTS)} (default: all but the masked recipe's three)")
     ap.add_argument("--max-epochs", type=int, default=0,
-                    help="stage-2 / supervised epoch cap for every model (0: the presets, 20 baselines / 12 DGenCTR; "
+                    help="stage-2 / supervised epoch cap for every model (0: the recipe's, 20 baselines / 12 DGenCTR; "
                          "40 for the masked recipe)")
     ap.add_argument("--patience", type=int, default=0,
-                    help="early-stopping patience for every model (0: the presets, 2; 6 for the masked recipe)")
-    ap.add_argument("--pretrain-epochs", type=int, default=0, help="override DGenCTR stage-1 epochs (0: preset)")
+                    help="early-stopping patience for every model (0: the recipe's, 2; 6 for the masked recipe)")
+    ap.add_argument("--pretrain-epochs", type=int, default=0, help="override DGenCTR stage-1 epochs (0: the recipe's)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "quality")
     ap.add_argument("--synthetic-rows", type=int, default=0, help="instead of Frappe: synthetic data of N rows, gap to Bayes AUC")
@@ -287,7 +285,8 @@ def main() -> int:
     print()
     text = print_table(table, reference, bayes)
     payload = {"data": str(args.data), "seeds": seeds, "max_epochs": args.max_epochs, "patience": args.patience,
-               "presets": {"baseline": BASELINE, "dgenctr": DGENCTR, **MASKED}, "table": table, "runs": results,
+               "recipes": {v: dict(zip(("recipe", "changes"), recipe_of(v, args.spec))) for v in order},
+               "table": table, "runs": results,
                "reference": {k: {"auc": a, "logloss": b} for k, (a, b) in REFERENCE.items()} if reference else None,
                "bayes_auc_test": bayes, "total_seconds": time.perf_counter() - started, "text": text}
     (args.out / "quality.json").write_text(json.dumps(payload, indent=2))

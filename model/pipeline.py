@@ -19,19 +19,20 @@ import torch
 from model.calibration import CALIBRATION_METHODS, PlattScaling, fit_platt
 from model.data import EncodedSplit, load_encoded
 from model.metrics import evaluate
-from model.diffusion import FineTuneObjective, PretrainConfig, PretrainObjective, reconstruction_report, shrink_toward, transfer
+from model.diffusion import FineTuneObjective, PretrainConfig, PretrainObjective, reconstruction_report
 from model.logs import kv
 from model.networks import MODELS, build_model, model_config
 from model.readers import DataError
 from model.readers import data_fingerprint
 from model.run_io import save_run, save_weights
 from model.spec import FeatureSpec
-from model.trainer import BCEObjective, DistContext, TrainConfig, fit_supervised, split_logits, init_distributed, run_fixed_epochs, seed_everything, set_threads
+from model.trainer import (BCEObjective, DistContext, FitResult, TrainConfig, fit_supervised, init_distributed, run_fixed_epochs,
+                           seed_everything, set_threads, split_logits)
+from model.transfer import MODE_OF_PRETRAIN, warm_start
 
 log = logging.getLogger(__name__)
 
 PRETRAIN_MODES = ("full", "body", "embedding", "none")
-_TRANSFER = {"full": "all", "body": "body", "embedding": "embedding"}
 
 
 @dataclass
@@ -54,7 +55,7 @@ class RunConfig:
     # a tenth of it the penalty on a pre-trained table outweighs the click loss for epochs.
     transfer_lr_scale: float = 1.0
     # Share of each transferred tensor kept; the rest is the fresh network's initialisation
-    # ("shrink and perturb", model/diffusion.py `shrink_toward`). 1: the plain transfer;
+    # ("shrink and perturb", model/transfer.py `shrink_toward`). 1: the plain transfer;
     # 0: the same network as from scratch.
     transfer_keep: float = 1.0
     # Where stage 2's embedding L2 pulls the table: "zero" (FuxiCTR's regulariser) or
@@ -147,6 +148,45 @@ def _pretrain_loop_config(cfg: RunConfig) -> TrainConfig:
     )
 
 
+@dataclass
+class Prepared:
+    """What every stage of a run shares: the encoded splits, the network's config, the ranks."""
+
+    spec: FeatureSpec
+    splits: dict[str, EncodedSplit]
+    model_cfg: Any
+    ctx: DistContext
+    threads: int
+    start: float  # perf_counter() when the run began; train_seconds counts from here
+
+    def build(self, cfg: RunConfig) -> torch.nn.Module:
+        """A fresh network, seeded as a from-scratch run seeds it, so every stage-2 network
+        (scratch or warm-started) starts from the same initialisation."""
+        seed_everything(cfg.seed)
+        return build_model(cfg.model_type, self.model_cfg, self.spec.vocab_sizes)
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, Any]  # metrics.json's content
+    calibration: PlattScaling | None
+
+
+def prepare(cfg: RunConfig, ctx: DistContext | None = None) -> Prepared:
+    """Refuse a bad config, join the ranks, and read and encode the splits."""
+    validate(cfg)
+    ctx = ctx or init_distributed()
+    threads = set_threads(ctx, cfg.threads)
+    seed_everything(cfg.seed)
+    start = time.perf_counter()
+    spec, splits = load_encoded(FeatureSpec.load(cfg.spec), cfg.data, max_rows=cfg.max_rows)
+    prep = Prepared(spec, splits, model_config(cfg.model_type, cfg.model), ctx, threads, start)
+    if ctx.is_main:
+        log.info("train_start %s", kv(model=cfg.variant(), seed=cfg.seed, ranks=ctx.world, threads=threads,
+                                       train_rows=len(splits["train"]), fields=spec.num_fields))
+    return prep
+
+
 def pretrain(model: torch.nn.Module, spec: FeatureSpec, splits: dict, cfg: RunConfig, ctx: DistContext) -> dict[str, Any]:
     """Stage 1 on the train split only; logs per-field reconstruction accuracy each epoch."""
     objective = PretrainObjective(model, cfg.pretrain, seed=cfg.seed * 7919 + ctx.rank)
@@ -173,49 +213,36 @@ def pretrain(model: torch.nn.Module, spec: FeatureSpec, splits: dict, cfg: RunCo
     return {"epochs": per_epoch, "valid_reconstruction": report, "seconds": seconds}
 
 
-def train_run(cfg: RunConfig, ctx: DistContext | None = None) -> dict[str, Any]:
-    """Train, evaluate, and (on rank 0) write the run directory. Returns metrics.json's content."""
-    validate(cfg)
-    ctx = ctx or init_distributed()
-    threads = set_threads(ctx, cfg.threads)
-    seed_everything(cfg.seed)
-    start = time.perf_counter()
-    spec, splits = load_encoded(FeatureSpec.load(cfg.spec), cfg.data, max_rows=cfg.max_rows)
-    model_cfg = model_config(cfg.model_type, cfg.model)
-    vocab = spec.vocab_sizes
-    if ctx.is_main:
-        log.info("train_start %s", kv(model=cfg.variant(), seed=cfg.seed, ranks=ctx.world, threads=threads,
-                                       train_rows=len(splits["train"]), fields=spec.num_fields))
-    seed_everything(cfg.seed)
-    model = build_model(cfg.model_type, model_cfg, vocab).to(ctx.device)
-    pre_info: dict[str, Any] | None = None
-    copied: list[str] = []
-    if cfg.transfers:
-        if cfg.pretrained:
-            from safetensors.torch import load_file
+def stage_one(cfg: RunConfig, prep: Prepared) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The stage-1 weights (from `cfg.pretrained`, or trained here and saved beside the run)
+    and what `metrics.json` records about them."""
+    if cfg.pretrained:
+        from safetensors.torch import load_file
 
-            state = load_file(cfg.pretrained)
-            pre_info = {"checkpoint": str(cfg.pretrained)}
-        else:
-            seed_everything(cfg.seed + ctx.rank)
-            pre_info = pretrain(model, spec, splits, cfg, ctx)
-            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            if ctx.is_main:
-                Path(cfg.out).mkdir(parents=True, exist_ok=True)
-                save_weights(model, Path(cfg.out) / "pretrained.safetensors")
-        # Stage 2 starts from a freshly built network and takes over the pre-trained tensors,
-        # so the transfer modes differ only in what `transfer` copies.
-        seed_everything(cfg.seed)
-        model = build_model(cfg.model_type, model_cfg, vocab)
-        fresh = {k: v.detach().clone() for k, v in model.state_dict().items()} if cfg.transfer_keep < 1 else {}
-        copied = transfer(state, model, _TRANSFER[cfg.pretrain_mode])
-        if fresh:
-            shrink_toward(model, fresh, copied, cfg.transfer_keep)
-        model.to(ctx.device)
-        pre_info["transferred_tensors"] = len(copied)
-    anchor = None
-    if cfg.embedding_l2_anchor == "pretrained":
-        anchor = model.embedding.table.weight.detach().clone()
+        return load_file(cfg.pretrained), {"checkpoint": str(cfg.pretrained)}
+    ctx = prep.ctx
+    model = prep.build(cfg).to(ctx.device)
+    seed_everything(cfg.seed + ctx.rank)
+    info = pretrain(model, prep.spec, prep.splits, cfg, ctx)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if ctx.is_main:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        save_weights(model, Path(cfg.out) / "pretrained.safetensors")
+    return state, info
+
+
+def stage_two_network(cfg: RunConfig, prep: Prepared, pretrained: dict[str, torch.Tensor] | None) -> tuple[torch.nn.Module, list[str]]:
+    """The network stage 2 (or a supervised run) trains: built fresh, then warm-started from
+    `pretrained` when given (model/transfer.py). Returns it and the names taken over."""
+    model = prep.build(cfg)
+    copied = warm_start(pretrained, model, MODE_OF_PRETRAIN[cfg.pretrain_mode], cfg.transfer_keep) if pretrained is not None else []
+    return model.to(prep.ctx.device), copied
+
+
+def fine_tune(cfg: RunConfig, prep: Prepared, model: torch.nn.Module, copied: list[str]) -> FitResult:
+    """Stage 2 (or the supervised run): click loss, early stopping on valid AUC, best weights kept."""
+    ctx = prep.ctx
+    anchor = model.embedding.table.weight.detach().clone() if cfg.embedding_l2_anchor == "pretrained" else None
     objective = None
     mask_seed = cfg.seed * 7919 + 1 + ctx.rank
     if cfg.model_type == "dgenctr" and (cfg.aux_weight > 0 or cfg.field_mask_rate > 0):
@@ -224,11 +251,16 @@ def train_run(cfg: RunConfig, ctx: DistContext | None = None) -> dict[str, Any]:
     elif cfg.field_mask_rate > 0:
         objective = BCEObjective(model, cfg.field_mask_rate, seed=mask_seed)
     seed_everything(cfg.seed + ctx.rank)  # dropout streams differ per rank; weights are DDP-broadcast
-    fit = fit_supervised(model, splits["train"], splits["valid"], cfg.train, ctx, stage="finetune" if pre_info else "train",
-                         objective=objective,
-                         scaled=[k for k in copied if not k.startswith("embedding.")], lr_scale=cfg.transfer_lr_scale,
-                         embedding_anchor=anchor)
-    train_seconds = time.perf_counter() - start
+    return fit_supervised(model, prep.splits["train"], prep.splits["valid"], cfg.train, ctx,
+                          stage="finetune" if cfg.transfers else "train", objective=objective,
+                          scaled=[k for k in copied if not k.startswith("embedding.")], lr_scale=cfg.transfer_lr_scale,
+                          embedding_anchor=anchor)
+
+
+def evaluate_run(cfg: RunConfig, prep: Prepared, model: torch.nn.Module, fit: FitResult, train_seconds: float,
+                 pre_info: dict[str, Any] | None) -> Evaluation:
+    """Valid and test metrics of the trained network, raw and after a Platt fit on valid."""
+    splits, ctx = prep.splits, prep.ctx
     logits = {s: split_logits(model, splits[s], ctx, cfg.train.eval_batch_size) for s in ("valid", "test") if s in splits}
     valid_m = _metrics(splits["valid"], logits["valid"])
     test_m = _metrics(splits["test"], logits["test"]) if "test" in logits else {}
@@ -249,27 +281,67 @@ def train_run(cfg: RunConfig, ctx: DistContext | None = None) -> dict[str, Any]:
     if calibration is not None:
         metrics["calibrated"] = {**calibration.to_dict(),
                                  **{s: _metrics(splits[s], logits[s], calibration) for s in logits}}
-    if ctx.is_main:
-        config = {
-            "model_type": cfg.model_type,
-            "model": asdict(model_cfg),
-            "train": {**asdict(cfg.train), "seed": cfg.seed, "pretrain_mode": cfg.pretrain_mode,
-                      "transfer_lr_scale": cfg.transfer_lr_scale, "transfer_keep": cfg.transfer_keep,
-                      "embedding_l2_anchor": cfg.embedding_l2_anchor,
-                      "aux_weight": cfg.aux_weight, "aux_rows": cfg.aux_rows,
-                      "field_mask_rate": cfg.field_mask_rate,
-                      "pretrain": asdict(cfg.pretrain) if cfg.model_type == "dgenctr" else None, "world_size": ctx.world},
-            "data": {"dir": str(Path(cfg.data).resolve()), "spec": cfg.spec, "rows": {s: len(e) for s, e in splits.items()},
-                     "max_rows": cfg.max_rows, "fingerprint": data_fingerprint(cfg.data)},
-            "variant": cfg.variant(),
-            "calibration": None if calibration is None else calibration.to_dict(),
-        }
-        save_run(cfg.out, model.cpu(), spec, config, metrics)
-        log.info("train_done %s", kv(model=cfg.variant(), out=cfg.out, valid_auc=valid_m["auc"], test_auc=test_m.get("auc"),
-                                      test_logloss=test_m.get("logloss"),
-                                      calibrated_test_logloss=metrics.get("calibrated", {}).get("test", {}).get("logloss"),
-                                      seconds=round(train_seconds, 1)))
-    return metrics
+    return Evaluation(metrics, calibration)
+
+
+def resolved(cfg: RunConfig, prep: Prepared) -> dict[str, Any]:
+    """The run's full config as `ctr train --config` reads it back: every dataclass field, the
+    model's options all spelt out, the data directory absolute. `out` is left out, so a rerun
+    from it has to name a new run directory."""
+    run = asdict(cfg)
+    run.pop("out")
+    run["model"] = asdict(prep.model_cfg)
+    run["data"] = str(Path(cfg.data).resolve())
+    return run
+
+
+def save(cfg: RunConfig, prep: Prepared, model: torch.nn.Module, result: Evaluation,
+         recipe: dict[str, Any] | None = None) -> None:
+    """Write the run directory (rank 0 only). config.json's `run` is `resolved(cfg)`; its other
+    keys are what `load_run`, export and older readers take from it."""
+    ctx, splits, calibration, metrics = prep.ctx, prep.splits, result.calibration, result.metrics
+    if not ctx.is_main:
+        return
+    config = {
+        "model_type": cfg.model_type,
+        "model": asdict(prep.model_cfg),
+        "train": {**asdict(cfg.train), "seed": cfg.seed, "pretrain_mode": cfg.pretrain_mode,
+                  "transfer_lr_scale": cfg.transfer_lr_scale, "transfer_keep": cfg.transfer_keep,
+                  "embedding_l2_anchor": cfg.embedding_l2_anchor,
+                  "aux_weight": cfg.aux_weight, "aux_rows": cfg.aux_rows,
+                  "field_mask_rate": cfg.field_mask_rate,
+                  "pretrain": asdict(cfg.pretrain) if cfg.model_type == "dgenctr" else None, "world_size": ctx.world},
+        "data": {"dir": str(Path(cfg.data).resolve()), "spec": cfg.spec, "rows": {s: len(e) for s, e in splits.items()},
+                 "max_rows": cfg.max_rows, "fingerprint": data_fingerprint(cfg.data)},
+        "variant": cfg.variant(),
+        "calibration": None if calibration is None else calibration.to_dict(),
+        "run": resolved(cfg, prep),
+        "recipe": recipe,
+    }
+    save_run(cfg.out, model.cpu(), prep.spec, config, metrics)
+    test_m = metrics["test"]
+    log.info("train_done %s", kv(model=cfg.variant(), out=cfg.out, valid_auc=metrics["valid"]["auc"], test_auc=test_m.get("auc"),
+                                  test_logloss=test_m.get("logloss"),
+                                  calibrated_test_logloss=metrics.get("calibrated", {}).get("test", {}).get("logloss"),
+                                  seconds=round(metrics["train_seconds"], 1)))
+
+
+def train_run(cfg: RunConfig, ctx: DistContext | None = None, recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train, evaluate, and (on rank 0) write the run directory. Returns metrics.json's content.
+
+    `recipe` (the file and the `--set` overrides the config was resolved from) goes into
+    config.json as provenance; it does not change the run.
+    """
+    prep = prepare(cfg, ctx)
+    pretrained, pre_info = stage_one(cfg, prep) if cfg.transfers else (None, None)
+    model, copied = stage_two_network(cfg, prep, pretrained)
+    if pre_info is not None:
+        pre_info["transferred_tensors"] = len(copied)
+    fit = fine_tune(cfg, prep, model, copied)
+    train_seconds = time.perf_counter() - prep.start
+    result = evaluate_run(cfg, prep, model, fit, train_seconds, pre_info)
+    save(cfg, prep, model, result, recipe)
+    return result.metrics
 
 
 def _metrics(split: EncodedSplit, logits: np.ndarray, calibration: PlattScaling | None = None) -> dict[str, float]:

@@ -276,6 +276,13 @@ class FeatureSpec:
         version = data.get("format_version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
             raise SpecError(f"spec format_version {version} is not supported (expected {FORMAT_VERSION})")
+        _refuse_unknown(data, _SPEC_KEYS, "spec")
+        if not isinstance(data.get("fields"), list):
+            raise SpecError("malformed spec: 'fields' must be a list of field objects")
+        for i, fd in enumerate(data["fields"]):
+            if not isinstance(fd, Mapping):
+                raise SpecError(f"malformed spec: fields[{i}] must be an object, got {fd!r}")
+            _refuse_unknown(fd, _FIELD_KEYS, f"field '{fd['name']}'" if "name" in fd else f"fields[{i}]")
         try:
             fields = [FieldSpec(**fd) for fd in data["fields"]]
             return cls(
@@ -310,6 +317,18 @@ class FeatureSpec:
 
 
 # ---------------------------------------------------------------------- helpers
+# The keys a spec file may hold (`to_dict` writes no others): a misspelt one would otherwise be
+# dropped (top level) or fail as a raw TypeError (a field), far from the file that caused it.
+_SPEC_KEYS = ("format_version", "name", "label", "group", "hash_seed", "fitted", "fields")
+_FIELD_KEYS = tuple(f for f in FieldSpec.__dataclass_fields__)
+
+
+def _refuse_unknown(data: Mapping[str, Any], valid: Sequence[str], where: str) -> None:
+    unknown = [k for k in data if k not in valid]
+    if unknown:
+        raise SpecError(f"malformed spec: {where} has unknown key(s) {unknown} (valid keys: {', '.join(valid)})")
+
+
 def shipped_specs() -> list[str]:
     return sorted(p.stem for p in (Path(__file__).parent / "specs").glob("*.json"))
 

@@ -1,4 +1,4 @@
-"""Stage-1 pieces: the masking schedule, the sampled-softmax loss, weight transfer and the joint stage 2."""
+"""Stage-1 pieces: the masking schedule, the sampled-softmax loss, weight transfer (model/transfer.py) and the joint stage 2."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from model.diffusion import (
     mask_prob,
     sample_mask,
     sampled_softmax_loss,
-    transfer,
 )
 from model.dgenctr import DGenCTR, DGenCTRConfig
+from model.transfer import transfer
 
 F_FIELDS = 10
 ROWS = 40_000

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
 
-from model.spec import MASK_ID, NUM_RESERVED, OOV_ID, PAD_ID, FeatureSpec, FieldSpec, SpecError
+from model.spec import MASK_ID, NUM_RESERVED, OOV_ID, PAD_ID, FeatureSpec, FieldSpec, SpecError, shipped_specs
 
 
 def _spec(**overrides) -> FeatureSpec:
@@ -169,6 +170,32 @@ def test_malformed_json_and_future_versions_are_refused():
         FeatureSpec.from_dict({"format_version": 99, "fields": []})
     with pytest.raises(SpecError, match="malformed"):
         FeatureSpec.from_dict({"format_version": 1, "fields": [{"nme": "x"}]})
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.update(lable="click"), "spec has unknown key(s) ['lable']"),
+        (lambda d: d["fields"][1].update(num_bucket=4), "field 'user_gender' has unknown key(s) ['num_bucket']"),
+        (lambda d: d["fields"].append({"nme": "x", "source": "user", "kind": "categorical"}), "fields[12] has unknown key(s) ['nme']"),
+    ],
+)
+def test_a_misspelt_spec_key_is_named_with_the_valid_ones(edit, message):
+    """Why: a misspelt top-level key used to be dropped without a word, and a misspelt field key
+    surfaced as a raw TypeError from the dataclass; both now name the key and list the valid ones."""
+    data = json.loads((Path(__file__).resolve().parents[1] / "model" / "specs" / "synthetic.json").read_text())
+    FeatureSpec.from_dict(data)  # the shipped file itself is fine
+    edit(data)
+    with pytest.raises(SpecError) as exc:
+        FeatureSpec.from_dict(data)
+    assert message in str(exc.value) and "valid keys:" in str(exc.value)
+    valid = "num_buckets" if "field" in message else "label"
+    assert valid in str(exc.value).split("valid keys:")[1]
+
+
+def test_every_shipped_spec_passes_the_key_check():
+    for name in shipped_specs():
+        assert FeatureSpec.load(name).fields
 
 
 def test_shipped_specs_load_and_fit_real_samples(frappe_dir):

@@ -122,7 +122,7 @@ def test_transferred_tensors_train_at_their_own_lr(tmp_path, synth_dir):
 
 
 def test_shrink_toward_blends_float_tensors_and_keeps_integer_buffers():
-    from model.diffusion import shrink_toward
+    from model.transfer import shrink_toward
 
     net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     fresh = {k: v.clone() for k, v in net.state_dict().items()}
@@ -173,7 +173,8 @@ def test_embedding_l2_can_anchor_at_the_pretrained_table(tmp_path, synth_dir):
 
 
 def test_regularised_stage_two_logs_its_losses_and_records_its_settings(tmp_path, synth_dir):
-    base = [*TINY, "--epochs", "2", "--pretrain-epochs", "1", *SMALL_DGENCTR]
+    # No embedding L2 (the synthetic recipe's 0.005 would add its penalty to the logged loss).
+    base = [*TINY, "--epochs", "2", "--pretrain-epochs", "1", *SMALL_DGENCTR, "--embedding-l2", "0"]
     plain = _train(tmp_path / "plain", synth_dir, "dgenctr", *base, "--pretrain-mode", "none")
     joint = _train(tmp_path / "joint", synth_dir, "dgenctr", *base, "--pretrain-mode", "none", "--aux-weight", "0.3",
                    "--aux-rows", "64")
@@ -414,3 +415,28 @@ def test_weight_average_copies_integer_buffers_instead_of_averaging_them():
     averaged = dict(avg.scored.named_buffers())
     for name, buf in ints.items():
         assert torch.equal(averaged[name], buf), name
+
+
+def test_warm_start_blends_towards_the_fresh_network_it_is_given():
+    """model/transfer.py's `warm_start` is what stage 2 starts from: keep 1 is stage 1's tensors,
+    keep 0 the fresh initialisation, and integer buffers are always stage 1's."""
+    from model.networks import build_model
+    from model.transfer import warm_start
+
+    vocab = [10, 25, 7, 40]
+
+    def net(seed):
+        torch.manual_seed(seed)
+        return build_model("dnn", {"hidden": [8], "batch_norm": True}, vocab)
+
+    pre = {k: (v + 1.0 if v.is_floating_point() else v + 3) for k, v in net(1).state_dict().items()}
+    fresh = net(0).state_dict()
+    for keep in (0.0, 0.25, 1.0):
+        target = net(0)
+        copied = warm_start(pre, target, "all", keep)
+        assert copied == sorted(pre)
+        for name, tensor in target.state_dict().items():
+            if tensor.is_floating_point():
+                assert torch.allclose(tensor, keep * pre[name] + (1 - keep) * fresh[name]), (keep, name)
+            else:
+                assert torch.equal(tensor, pre[name]), (keep, name)
