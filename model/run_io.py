@@ -5,7 +5,9 @@ RUN_DIR/
   model.safetensors    state_dict (safetensors: nothing is unpickled on load)
   feature_spec.json    the fitted FeatureSpec
   config.json          {"model_type", "model": {...}, "train": {...}, "data": {...},
-                        "calibration": {"method": "platt", "scale", "bias", ...} or null}
+                        "calibration": {"method": "platt", "scale", "bias", ...} or null,
+                        "run": the resolved RunConfig (`ctr train --config` reads it back),
+                        "recipe": {"file", "set"} it was resolved from}
   metrics.json         {"model", "valid": {...}, "test": {...}, "train_seconds"}
 ```
 
