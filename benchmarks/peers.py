@@ -64,7 +64,11 @@ TOLERANCE = 1e-5
 FULL_SCENARIOS = "10x16,10x32,100x16,100x32,500x16,500x32"
 QUICK_SCENARIOS = "100x16"
 WRK_LUA = r"""
-local bodies, reqs, i = {}, {}, 0
+local threads, reqs, i = {}, {}, 0
+statuses, first_error = {}, ""
+setup = function(thread)
+  table.insert(threads, thread)
+end
 init = function(args)
   for line in io.lines(os.getenv("PEERS_BODIES")) do
     reqs[#reqs + 1] = wrk.format("POST", os.getenv("PEERS_PATH"), {["Content-Type"] = "application/json"}, line)
@@ -74,10 +78,21 @@ request = function()
   i = i % #reqs + 1
   return reqs[i]
 end
+response = function(status, headers, body)
+  statuses[status] = (statuses[status] or 0) + 1
+  if status ~= 200 and first_error == "" then first_error = string.sub(body, 1, 200) end
+end
 done = function(summary, latency, requests)
   local e = summary.errors
-  io.write(string.format('PEERS_RESULT {"requests": %d, "duration_us": %d, "connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d, "p50_us": %d, "p99_us": %d}\n',
-    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout, latency:percentile(50), latency:percentile(99)))
+  local codes = {}
+  local sample = ""
+  for _, t in ipairs(threads) do
+    for code, n in pairs(t:get("statuses")) do codes[#codes + 1] = string.format('"%d": %d', code, n) end
+    if sample == "" then sample = t:get("first_error") end
+  end
+  io.write(string.format('PEERS_RESULT {"requests": %d, "duration_us": %d, "connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d, "p50_us": %d, "p99_us": %d, "codes": {%s}}\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout, latency:percentile(50), latency:percentile(99), table.concat(codes, ", ")))
+  io.write("PEERS_FIRST_ERROR " .. string.gsub(sample, "\n", " ") .. "\n")
 end
 """
 
@@ -343,7 +358,10 @@ def run_wrk(server: Server, bodies_file: Path, conns: int, seconds: float, lua: 
     r = json.loads(m.group(1))
     n = r["requests"]
     errors = r["connect"] + r["read"] + r["write"] + r["timeout"]
-    return {"requests": n, "ok": n - r["status"] - errors, "non_2xx": r["status"], "errors": errors, "seconds": r["duration_us"] / 1e6,
+    ok = sum(v for k, v in r["codes"].items() if k.startswith("2"))
+    first = re.search(r"^PEERS_FIRST_ERROR (.*)$", out.stdout, re.M)
+    return {"requests": n, "ok": ok, "non_2xx": sum(r["codes"].values()) - ok, "errors": errors, "status_codes": r["codes"],
+            "first_error_body": first.group(1).strip() if first else "", "seconds": r["duration_us"] / 1e6,
             "p50_ms": r["p50_us"] / 1000, "p99_ms": r["p99_us"] / 1000,
             "loadgen_cpu_s": (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)}
 
@@ -407,8 +425,8 @@ class Scenario:
         return out
 
 
-def measure(server: Server, sc: Scenario, bodies: list[bytes], bodies_file: Path, lua: Path, seconds: float, warmup: float) -> dict:
-    use_wrk = shutil.which("wrk") is not None
+def measure(server: Server, sc: Scenario, bodies: list[bytes], bodies_file: Path, lua: Path, seconds: float, warmup: float, loadgen: str) -> dict:
+    use_wrk = loadgen == "wrk"
     if warmup > 0:
         run_wrk(server, bodies_file, sc.conns, warmup, lua) if use_wrk else run_asyncio(server, bodies, sc.conns, warmup)
     before = tree_cpu(server.proc.pid)
@@ -501,7 +519,7 @@ def bench_package(pkg: Package, wl: Workload, servers: list[str], scenarios: lis
                         row["skipped"] = f"scores differ from the offline scorer by {diff:.2e} (> {TOLERANCE})"
                         print(f"  {sc.items}x{sc.conns}: NOT TIMED: {row['skipped']}", flush=True)
                     else:
-                        row.update(measure(server, sc, *files[sc.items], lua, args.duration, args.warmup))
+                        row.update(measure(server, sc, *files[sc.items], lua, args.duration, args.warmup, args.loadgen))
                         print(f"  {sc.items:3d} items x {sc.conns:2d} conns: {row['rows_per_s']:>9,.0f} rows/s  p50 {row['p50_ms']:6.1f} ms"
                               f"  p99 {row['p99_ms']:6.1f} ms  non-2xx {row['non_2xx']}  errors {row['errors']}"
                               f"  server CPU {row['server_cpu_ms_per_req']:.2f} ms/req ({row['server_processes']} processes)"
@@ -554,12 +572,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, help="seconds of load before each timed run (default 1)")
     ap.add_argument("--bodies", type=int, default=200, help="distinct requests per size, cycled by the load generator")
     ap.add_argument("--parity-requests", type=int, default=4, help="requests checked against the offline scores before timing")
+    ap.add_argument("--loadgen", choices=["auto", "wrk", "asyncio"], default="auto", help="auto: wrk where installed, else asyncio")
     ap.add_argument("--out", default="peers.json", help="JSON results (the markdown table goes next to it as .md)")
     args = ap.parse_args(argv)
     args.duration = args.duration or (2.0 if args.quick else 5.0)
     args.warmup = 1.0 if args.warmup is None else args.warmup
     scenarios = Scenario.parse(args.scenarios or (QUICK_SCENARIOS if args.quick else FULL_SCENARIOS))
     servers = available([s.strip() for s in args.servers.split(",") if s.strip()])
+    if args.loadgen == "auto":
+        args.loadgen = "wrk" if shutil.which("wrk") else "asyncio"
+    elif args.loadgen == "wrk" and not shutil.which("wrk"):
+        raise SystemExit("wrk is not installed (apt-get install -y wrk)")
 
     from model.logs import setup_logging
 
@@ -605,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + table + f"\n{len(results)} runs in {elapsed / 60:.1f} min", flush=True)
     out = Path(args.out)
     meta = {"command": " ".join(["python", "benchmarks/peers.py", *(argv if argv is not None else sys.argv[1:])]), "cpus": os.cpu_count(),
-            "loadgen": "wrk -t1" if shutil.which("wrk") else "asyncio", "seconds": elapsed, "duration_s": args.duration,
+            "loadgen": args.loadgen, "redis_prefix": prefix, "seconds": elapsed, "duration_s": args.duration,
             "scenarios": [asdict(s) for s in scenarios], "servers": servers, "data": str(data)}
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     out.with_suffix(".md").write_text(table)
