@@ -215,7 +215,7 @@ def stop_server(proc: subprocess.Popen) -> None:
 @contextlib.contextmanager
 def serving(repo: Path, model: str, redis_url: str, prefix: str, batching: bool, threads: int, config: Path) -> Iterator[tuple[subprocess.Popen, int]]:
     """One `ctr serve` subprocess on a free loopback port for the length of a phase group."""
-    from service.testing import free_port
+    from tests.testing import free_port
 
     port = free_port()
     proc = start_server(repo, model, redis_url, prefix, port, batching, threads, config)
@@ -259,7 +259,7 @@ def overhead(spec, reqs: list[bytes], redis_url: str, prefix: str, fast: bool = 
     """
     from service.encoding import FieldPlan, Missing, RequestEncoder
     from service.features import RedisFeatureStore
-    from service.schemas import ScoreRequest
+    from service.schemas import parse_request
     from tests.encoding_oracle import encode as plain_encode
 
     enc = RequestEncoder.for_spec(spec)
@@ -276,7 +276,7 @@ def overhead(spec, reqs: list[bytes], redis_url: str, prefix: str, fast: bool = 
         acc = {"parse": 0.0, "fetch": 0.0, "encode": 0.0, "respond": 0.0}
         for i in range(2 * len(reqs)):
             c0 = time.thread_time()
-            req = ScoreRequest.model_validate_json(reqs[i % len(reqs)])
+            req = parse_request(reqs[i % len(reqs)], 10_000)
             ids = [it.item_id for it in req.items]
             c1 = time.thread_time()
             f = await store.fetch(req.user_id, ids)
@@ -312,7 +312,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from model.logs import setup_logging
-    from service.testing import dnn_onnx, publish
+    from tests.testing import dnn_onnx, publish
 
     setup_logging("WARNING")
     prefix = f"bench-{uuid.uuid4().hex[:8]}"

@@ -132,7 +132,7 @@ def main() -> None:
     import redis
 
     from model.logs import setup_logging
-    from service.testing import dnn_onnx, publish
+    from tests.testing import dnn_onnx, publish
 
     setup_logging("WARNING")
     prefix = f"bench-{uuid.uuid4().hex[:8]}"

@@ -13,7 +13,7 @@ import pytest
 
 from model.spec import FeatureSpec
 from service.config import ServiceConfig, load_config
-from service.testing import tiny_reference
+from tests.testing import tiny_reference
 
 
 def config(repo: Path, synth_dir: Path | None = None, **over: Any) -> ServiceConfig:
@@ -50,7 +50,7 @@ def offline_scores(spec: FeatureSpec, reference: Any, synth_dir: Path, body: dic
     """The same rows built the offline way: join the tables into one DataFrame and encode.
 
     `reference` is an `export.offline_scorer.OfflineScorer` (a trained package: its own spec
-    encodes) or the weights of a `service.testing.tiny_package` model.
+    encodes) or the weights of a `tests.testing.tiny_package` model.
     """
     users = pd.read_parquet(synth_dir / "users.parquet").set_index("user_id")
     items = pd.read_parquet(synth_dir / "items.parquet").set_index("item_id")

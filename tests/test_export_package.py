@@ -239,7 +239,7 @@ def test_renamed_version_folder_is_refused(good: Path) -> None:
 
 def test_service_style_metadata_with_io_block_verifies(tmp_path: Path, synth_spec: FeatureSpec) -> None:
     """Packages whose metadata keeps inputs/outputs under `io` (the service's test packages) pass."""
-    from service.testing import tiny_package
+    from tests.testing import tiny_package
 
     path, _ = tiny_package(tmp_path / "models", "svc", 1, synth_spec)
     pkg = verify_package(path)

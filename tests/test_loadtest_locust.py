@@ -113,7 +113,7 @@ CONFIG = {
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, synth_dir, synth_spec):
-    from service.testing import tiny_package
+    from tests.testing import tiny_package
 
     work = tmp_path_factory.mktemp("lt")
     repo = work / "models"

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from ctr.cli import TRAIN_ONLY
-from service.testing import free_port, tiny_package
+from tests.testing import free_port, tiny_package
 from tests.service_support import REPO_ROOT, request_body
 
 pytestmark = pytest.mark.slow

@@ -100,7 +100,7 @@ def redis_features(redis_url, synth_dir):
 
 @pytest.fixture(scope="module")
 def model_repo(tmp_path_factory, synth_spec) -> Path:
-    from service.testing import tiny_package
+    from tests.testing import tiny_package
 
     repo = tmp_path_factory.mktemp("models")
     tiny_package(repo, "ctr", 1, synth_spec)

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.testing import free_port
+from tests.testing import free_port
 from tests.service_support import REPO_ROOT
 
 TINY = ["--rows", "4000", "--users", "200", "--items", "100", "--epochs", "1", "--pretrain-epochs", "1"]

@@ -10,7 +10,7 @@ import pytest
 
 from service.app import create_app
 from service.features import bulk_load
-from service.testing import ServerThread
+from tests.testing import ServerThread
 from tests.service_support import config, metric_value, offline_scores, request_body, trained_package  # noqa: F401
 
 

@@ -15,7 +15,7 @@ import pytest
 from service.ab import Assigner
 from service.app import create_app
 from service.features import bulk_load
-from service.testing import ServerThread, free_port, tiny_package
+from tests.testing import ServerThread, free_port, tiny_package
 from tests.service_support import REPO_ROOT, config, fire, metric_value, offline_scores, request_body
 
 
@@ -79,14 +79,16 @@ def test_overload_gives_fast_503_and_accepted_requests_succeed(repo, synth_dir, 
     with ServerThread(create_app(cfg)) as srv:
         responses = asyncio.run(fire(srv.url, bodies, concurrency=40))
         codes = [r.status_code for r in responses]
-        assert set(codes) <= {200, 503} and codes.count(200) >= 3 and codes.count(503) >= 1
+        assert set(codes) <= {200, 503} and codes.count(200) >= 2 and codes.count(503) >= 1
         for b, r in zip(bodies, responses):
             if r.status_code == 503:
                 assert r.headers["retry-after"] == "1"
             else:
                 np.testing.assert_allclose(r.json()["scores"], offline_scores(synth_spec, repo[1], synth_dir, b), atol=1e-6)
         m = httpx.get(srv.url + "/metrics").text
-        assert metric_value(m, "ctr_rejected_total", reason="queue_full") == codes.count(503)
+        # Refused by admission control (before parsing) or by the batcher's queue bound.
+        assert metric_value(m, "ctr_rejected_total") == codes.count(503)
+        assert metric_value(m, "ctr_request_items_count") == codes.count(200) + metric_value(m, "ctr_rejected_total", reason="queue_full")
 
 
 def test_deadline_in_queue_gives_503(repo, synth_dir):

@@ -13,7 +13,7 @@ import pandas as pd
 from export.offline_scorer import OfflineScorer
 from export.package import verify_package
 from service.app import create_app
-from service.testing import ServerThread
+from tests.testing import ServerThread
 from tests.service_support import config, request_body, trained_package  # noqa: F401 (fixture)
 
 

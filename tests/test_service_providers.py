@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from service.testing import tiny_package
+from tests.testing import tiny_package
 from tests.service_support import REPO_ROOT
 
 ORT_NOISE = ("libonnxruntime_providers_cuda", "[E:onnxruntime", "Failed to create CUDAExecutionProvider")

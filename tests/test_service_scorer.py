@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from service.scorer import Scorer
-from service.testing import tiny_onnx, tiny_reference
+from tests.testing import tiny_onnx, tiny_reference
 
 
 @pytest.fixture(scope="module")

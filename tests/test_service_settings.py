@@ -14,7 +14,7 @@ import pytest
 
 from model.logs import JsonFormatter, kv
 from service.config import ServiceConfig, SettingsError, load_settings, with_default_variant
-from service.testing import tiny_package
+from tests.testing import tiny_package
 from tests.service_support import REPO_ROOT
 
 

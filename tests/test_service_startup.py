@@ -22,7 +22,7 @@ from model.readers import load_splits
 from model.spec import FeatureSpec
 from service.app import create_app
 from service.registry import NoServableModel, failure_reason
-from service.testing import ServerThread, free_port, tiny_package
+from tests.testing import ServerThread, free_port, tiny_package
 from tests.service_support import REPO_ROOT, config, metric_value, request_body
 
 pytestmark = pytest.mark.slow

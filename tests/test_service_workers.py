@@ -24,7 +24,7 @@ import pytest
 
 from service.ab import Assigner
 from service.features import bulk_load
-from service.testing import tiny_package
+from tests.testing import tiny_package
 from tests.redis_servers import free_port
 from tests.service_support import REPO_ROOT, metric_value, request_body
 

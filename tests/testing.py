@@ -1,4 +1,4 @@
-"""Helpers for tests and benchmarks: a small real ONNX model and an in-thread uvicorn server.
+"""Helpers for tests and benchmarks: small real ONNX models and an in-thread uvicorn server.
 
 `tiny_package` writes a genuine model package (embedding-gather + sum + sigmoid graph,
 executed by a real onnxruntime session), so service tests do not need torch or a training
