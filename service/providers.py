@@ -39,7 +39,8 @@ def _choose(requested: tuple[str, ...]) -> tuple[str, ...]:
 
     available = set(ort.get_available_providers())
     wanted = [p for p in requested if p in available]
-    reason = "requested"
+    absent = [p for p in requested if p not in available]
+    reason = f"not in this onnxruntime build: {','.join(absent)}" if absent else "requested"
     gpu = [p for p in wanted if p in GPU_PROVIDERS]
     if gpu:
         devices, why = cuda_devices()
