@@ -22,8 +22,10 @@ One load generator drives them all: wrk with one thread (closed loop, N keep-ali
 connections, a Lua script that posts pre-built bodies and prints the percentiles in its
 `done` hook). Where wrk is not installed, an asyncio generator takes its place, and its CPU
 per request is printed next to the server's to show it is not the bottleneck. Servers and
-the load generator are left unpinned, the same for every server (a 2-core machine has no core
-to spare for pinning). Server CPU per request is the utime + stime of the server's whole
+the load generator are left unpinned by default, the same for every server (a 2-core machine
+has no core to spare for pinning; wrk's one thread costs well under a tenth of the server's
+CPU per request, printed with each run); on a larger machine give them disjoint cores with
+--server-cpus and --loadgen-cpus. Server CPU per request is the utime + stime of the server's whole
 process tree from /proc over the timed window, divided by the requests.
 """
 
@@ -346,10 +348,23 @@ def stop(server: Server) -> None:
 
 
 # ---------------------------------------------------------------- load generation
+def cpu_list(text: str) -> set[int]:
+    """"0-3,6" -> {0, 1, 2, 3, 6}"""
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+LOADGEN_CPUS: set[int] | None = None  # --loadgen-cpus: where wrk runs (None: wherever the OS puts it)
+
+
 def run_wrk(server: Server, bodies_file: Path, conns: int, seconds: float, lua: Path) -> dict:
     env = {**os.environ, "PEERS_BODIES": str(bodies_file), "PEERS_PATH": server.path}
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(lua), f"http://127.0.0.1:{server.port}"]
+    pin = ["taskset", "-c", ",".join(map(str, sorted(LOADGEN_CPUS)))] if LOADGEN_CPUS else []
+    cmd = [*pin, "wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(lua), f"http://127.0.0.1:{server.port}"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 60)
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     m = re.search(r"^PEERS_RESULT (\{.*\})$", out.stdout, re.M)
@@ -558,6 +573,23 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary_markdown(results: list[dict]) -> str:
+    """Per scenario: ctr-serve against the fastest peer that ran, throughput and tail."""
+    lines = ["| model | items | conns | ctr-serve rows/s | best peer | its rows/s | ctr-serve ÷ best peer | p99 ctr-serve / peer ms |",
+             "|---|---:|---:|---:|---|---:|---:|---:|"]
+    keys = sorted({(r["model"], r["items"], r["conns"]) for r in results}, key=lambda k: (k[0], k[1], k[2]))
+    for key in keys:
+        rows = [r for r in results if (r["model"], r["items"], r["conns"]) == key and "rows_per_s" in r]
+        ctr = next((r for r in rows if r["server"] == CTR), None)
+        peers = [r for r in rows if r["server"] != CTR]
+        if ctr is None or not peers:
+            continue
+        best = max(peers, key=lambda r: r["rows_per_s"])
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {ctr['rows_per_s']:,.0f} | {best['server']} | {best['rows_per_s']:,.0f} "
+                     f"| {ctr['rows_per_s'] / best['rows_per_s']:.2f} | {ctr['p99_ms']:.0f} / {best['p99_ms']:.0f} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help=f"one model, {QUICK_SCENARIOS} (items x connections), 2 s runs: a smoke test")
@@ -572,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, help="seconds of load before each timed run (default 1)")
     ap.add_argument("--bodies", type=int, default=200, help="distinct requests per size, cycled by the load generator")
     ap.add_argument("--parity-requests", type=int, default=4, help="requests checked against the offline scores before timing")
+    ap.add_argument("--server-cpus", help="pin every server (and this script) to these CPUs, e.g. 0-5 (default: unpinned)")
+    ap.add_argument("--loadgen-cpus", help="pin wrk to these CPUs, e.g. 6-7 (default: unpinned)")
     ap.add_argument("--loadgen", choices=["auto", "wrk", "asyncio"], default="auto", help="auto: wrk where installed, else asyncio")
     ap.add_argument("--out", default="peers.json", help="JSON results (the markdown table goes next to it as .md)")
     args = ap.parse_args(argv)
@@ -579,6 +613,11 @@ def main(argv: list[str] | None = None) -> int:
     args.warmup = 1.0 if args.warmup is None else args.warmup
     scenarios = Scenario.parse(args.scenarios or (QUICK_SCENARIOS if args.quick else FULL_SCENARIOS))
     servers = available([s.strip() for s in args.servers.split(",") if s.strip()])
+    global LOADGEN_CPUS
+    if args.server_cpus:
+        os.sched_setaffinity(0, cpu_list(args.server_cpus))  # the servers are started from here and inherit it
+    if args.loadgen_cpus:
+        LOADGEN_CPUS = cpu_list(args.loadgen_cpus)
     if args.loadgen == "auto":
         args.loadgen = "wrk" if shutil.which("wrk") else "asyncio"
     elif args.loadgen == "wrk" and not shutil.which("wrk"):
@@ -625,10 +664,14 @@ def main(argv: list[str] | None = None) -> int:
     add_ratios(results)
     elapsed = time.perf_counter() - t_start
     table = markdown(results)
+    summary = summary_markdown(results)
+    if summary:
+        table += "\n" + summary
     print("\n" + table + f"\n{len(results)} runs in {elapsed / 60:.1f} min", flush=True)
     out = Path(args.out)
     meta = {"command": " ".join(["python", "benchmarks/peers.py", *(argv if argv is not None else sys.argv[1:])]), "cpus": os.cpu_count(),
-            "loadgen": args.loadgen, "redis_prefix": prefix, "seconds": elapsed, "duration_s": args.duration,
+            "loadgen": args.loadgen, "server_cpus": args.server_cpus or "unpinned", "loadgen_cpus": args.loadgen_cpus or "unpinned",
+            "redis_prefix": prefix, "seconds": elapsed, "duration_s": args.duration,
             "scenarios": [asdict(s) for s in scenarios], "servers": servers, "data": str(data)}
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     out.with_suffix(".md").write_text(table)
