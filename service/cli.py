@@ -90,7 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
         from service.app import create_app
         from service.server import serve
 
-        serve(create_app(cfg), args.host, args.port, cfg.drain_grace_s)
+        serve(create_app(cfg), args.host, args.port, cfg.drain_grace_s, cfg.log_level.lower())
         return 0
     if cfg.scorer.intra_op_threads == 0:  # "all cores" per worker would oversubscribe them
         cfg = cfg.model_copy(update={"scorer": cfg.scorer.model_copy(update={"intra_op_threads": default_intra_op_threads(workers)})})
@@ -99,8 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
             "threads_oversubscribed workers=%d intra_op_threads=%d cores=%d (intra_op_threads 0 picks one per worker)",
             workers, cfg.scorer.intra_op_threads, usable_cores(),
         )
-    level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-    plan = Plan(workers=workers, host=args.host, port=args.port, drain_grace_s=cfg.drain_grace_s, log_level=level)
+    plan = Plan(workers=workers, host=args.host, port=args.port, drain_grace_s=cfg.drain_grace_s)
     return Supervisor(cfg, plan, Path(args.run_dir) if args.run_dir else None).run()
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import uvicorn
 
-from model.logs import kv
+from model.logs import kv, uvicorn_log_config
 
 log = logging.getLogger("service")
 
@@ -117,6 +117,7 @@ def build_server(
         host=host,
         port=port,
         log_level=log_level,
+        log_config=uvicorn_log_config(),  # uvicorn's lines in the process's format (JSON too)
         access_log=False,  # one log line per request costs more than the model at high rates
         timeout_graceful_shutdown=60,
         lifespan="on",

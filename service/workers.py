@@ -12,8 +12,9 @@ no model; it only
   threads or Redis connections are forked) in a process group of their own, so a terminal's
   Ctrl-C reaches the parent alone and the drain stays ordered;
 - restarts a worker that dies, after a back-off that grows while restarts keep failing; a
-  worker failing start-up before any worker was ever ready stops the server (exit 3), since
-  the orchestrator, not a restart loop, should report a broken configuration;
+  worker failing start-up before any worker was ever ready stops the server with that
+  worker's exit status, since the orchestrator, not a restart loop, should report a broken
+  configuration or repository;
 - owns the run directory: the merged Prometheus files (PROMETHEUS_MULTIPROC_DIR, emptied on
   start, a dead worker's live gauges removed with `mark_process_dead`), the config every
   worker reads, and the desired model versions (service/version_sync.py);
@@ -44,7 +45,6 @@ from model.logs import kv
 
 log = logging.getLogger("service")
 
-STARTUP_FAILURE = 3  # uvicorn's exit code when the app's start-up fails
 MAX_DEFAULT_WORKERS = 8
 CONFIG_FILE = "config.json"
 PLAN_FILE = "worker.json"
@@ -99,7 +99,6 @@ class Plan:
     host: str = "127.0.0.1"
     port: int = 8000
     drain_grace_s: float = 5.0
-    log_level: str = "INFO"
     restart_backoff_max_s: float = 30.0
     reload_sync_s: float = 0.25
 
@@ -123,7 +122,7 @@ class Supervisor:
     _own_run_dir: bool = False
     _sock: socket.socket | None = None
     _ever_ready: bool = False
-    _failed_start: bool = False
+    _failed_start: int = 0  # exit status of a worker that failed before any was ready
     _wake: threading.Event = field(default_factory=threading.Event)
     exit_codes: list[int] = field(default_factory=list)  # of workers stopped by the drain
 
@@ -243,14 +242,15 @@ class Supervisor:
             for slot in self.slots:
                 if slot.proc is not None and slot.proc.poll() is not None:
                     rc = slot.proc.returncode
+                    never_ready = not self._any_ready()
                     self._reap(slot)
-                    if rc == STARTUP_FAILURE and not self._stopping and not self._any_ready():
+                    if never_ready and not self._stopping:
                         log.error("worker_startup_failed %s", kv(index=slot.index, code=rc))
-                        self._failed_start = True
+                        self._failed_start = rc if rc and rc > 0 else 1
                         self._on_signal(signal.SIGTERM, None)
                 elif slot.proc is None and slot.restart_at is not None and not self._stopping and time.monotonic() >= slot.restart_at:
                     self._spawn(slot)
             if self._stopping and not self.pids():
                 if self._failed_start:
-                    return STARTUP_FAILURE
+                    return self._failed_start
                 return 0 if all(c == 0 for c in self.exit_codes) else 1
