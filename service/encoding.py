@@ -89,6 +89,7 @@ class RequestEncoder:
         self.user_id_field, self.item_id_field = plan.user_id, plan.item_id
         self.pos = {n: i for i, n in enumerate(spec.field_names)}
         self.item_pos = np.array([self.pos[n] for n in self.item_fields], dtype=np.intp)
+        self.request_pos = np.array([self.pos[n] for n in (*self.user_fields, *self.context_fields)], dtype=np.intp)
         self.crosses = [(j, f, [self.pos[i] for i in f.inputs]) for j, f in enumerate(spec.fields) if f.kind == "cross"]
         self._memo: dict[str, dict[Any, int]] = {n: {} for n in spec.field_names}
         self.items = ItemTokenCache(len(self.item_fields))
@@ -122,11 +123,10 @@ class RequestEncoder:
         n = len(item_ids)
         cache = self.items
         slots = items.valid_slots() if isinstance(items, FetchedItems) else None
-        if slots is None:
-            slots = np.full(n, NO_SLOT, dtype=np.intp)
-            gens = np.zeros(n, dtype=np.int64)
-        else:
-            gens = items.gens  # type: ignore[union-attr]
+        if slots is None:  # rows without slots: encode them all, cache nothing
+            return self._encode_items(item_ids, items, np.arange(n))
+        cache.bind(items.cache)  # type: ignore[union-attr,arg-type]
+        gens = items.gens  # type: ignore[union-attr]
         todo = cache.stale(slots, gens)
         if not len(todo):
             return cache.tokens[slots], cache.gaps[slots]
@@ -134,8 +134,7 @@ class RequestEncoder:
         cache.store(slots[todo], gens[todo], fresh, fresh_gaps)
         if len(todo) == n:
             return fresh, fresh_gaps
-        tokens = cache.tokens[np.maximum(slots, 0)]
-        gaps = cache.gaps[np.maximum(slots, 0)]
+        tokens, gaps = cache.tokens[slots], cache.gaps[slots]
         tokens[todo] = fresh
         gaps[todo] = fresh_gaps
         return tokens, gaps
@@ -174,14 +173,16 @@ class RequestEncoder:
             if user is None:
                 missing.add("user", 1)
             missing.add("item", items.count(None) if isinstance(items, list) else sum(1 for r in items if r is None))
-        for name in self.user_fields:
-            out[:, self.pos[name]] = self._scalar(name, user_value(name, context, user_id, self.user_id_field, user, missing))
+        scalar = self._scalar
+        row = [scalar(name, user_value(name, context, user_id, self.user_id_field, user, missing)) for name in self.user_fields]
         overridden = [f for f in item_features if f] if item_features else []
         for name in self.context_fields:
             value = context.get(name)
             if value is None and missing is not None and not any(name in f for f in overridden):
                 missing.add("context_field", 1)
-            out[:, self.pos[name]] = self._scalar(name, value)
+            row.append(scalar(name, value))
+        if row:  # one value per request each: one broadcast assignment
+            out[:, self.request_pos] = row
         if self.item_fields:
             tokens, gaps = self._item_tokens(item_ids, items)
             out[:, self.item_pos] = tokens

@@ -98,10 +98,6 @@ def read_entity_table(path: str | Path, entity: str) -> dict[str, Row]:
     return out
 
 
-def _keys(item_ids: Sequence[Any]) -> list[str]:
-    return [i if type(i) is str else str(i) for i in item_ids]
-
-
 def _judge_missing(fetched: Fetched, threshold: float) -> Fetched:
     """Mark a request degraded when its share of unknown entities passes `threshold`."""
     if fetched.degraded or threshold >= 1.0:
@@ -146,7 +142,7 @@ class InMemoryFeatureStore:
 
     async def fetch(self, user_id: str, item_ids: Sequence[str]) -> Fetched:
         cache = self._rows
-        slots = cache.lookup(_keys(item_ids), 0.0)
+        slots = cache.lookup(item_ids, 0.0)
         items = FetchedItems(cache.rows_at(slots), cache, slots, cache.gen[slots])
         return _judge_missing(Fetched(user=self.users.get(str(user_id)), items=items), self.missing_share)
 
@@ -253,9 +249,8 @@ class RedisFeatureStore:
 
     async def fetch(self, user_id: str, item_ids: Sequence[str]) -> Fetched:
         now = time.monotonic()
-        keys = _keys(item_ids)
         cache = self._rows
-        slots = cache.lookup(keys, now)
+        slots = cache.lookup(item_ids, now)
         rows = cache.rows_at(slots)
         gens = cache.gen[slots]
         todo = np.flatnonzero(slots < 0).tolist()
@@ -271,23 +266,23 @@ class RedisFeatureStore:
                 commands.append(("HGETALL", ukey) if ufields is None else ("HMGET", ukey, *ufields))
             if read_items:
                 for i in todo:
-                    k = entity_key(self.prefix, "item", keys[i])
+                    k = entity_key(self.prefix, "item", item_ids[i])
                     commands.append(("HGETALL", k) if ifields is None else ("HMGET", k, *ifields))
             try:
                 replies = await self._round_trip(commands)
             except Exception as exc:  # any store failure degrades; the reason is counted
                 return Fetched(None, FetchedItems(rows, cache, slots, gens), degraded=True, reason=type(exc).__name__,
-                               cache_hits=len(keys) - len(todo), cache_misses=len(todo))
+                               cache_hits=len(item_ids) - len(todo), cache_misses=len(todo))
             if read_user:
                 user = _row(ufields, replies[0])
                 replies = replies[1:]
             if read_items:
                 new_rows = [_row(ifields, r) for r in replies]
         if todo:
-            slots[todo], gens[todo] = cache.put([keys[i] for i in todo], new_rows, now)
+            slots[todo], gens[todo] = cache.put([item_ids[i] for i in todo], new_rows, now)
             for i, row in zip(todo, new_rows):
                 rows[i] = row
-        fetched = Fetched(user, FetchedItems(rows, cache, slots, gens), cache_hits=len(keys) - len(todo), cache_misses=len(todo))
+        fetched = Fetched(user, FetchedItems(rows, cache, slots, gens), cache_hits=len(item_ids) - len(todo), cache_misses=len(todo))
         return _judge_missing(fetched, self.missing_share)
 
     async def _round_trip(self, commands: list[tuple[str, ...]]) -> list[Any]:

@@ -52,14 +52,19 @@ class FetchedItems(list):
         """
         if self.cache is None or self.slots is None:
             return None
-        slots = self.slots
-        ok = slots >= 0
-        if ok.any():
-            held = np.zeros(len(slots), dtype=bool)
-            held[ok] = self.cache.gen[slots[ok]] == self.gens[ok]
-            if not held[ok].all():
-                slots = np.where(held, slots, NO_SLOT)
-        return slots
+        held = self.cache.gen[self.slots] == self.gens
+        return self.slots if held.all() else np.where(held, self.slots, NO_SLOT)
+
+
+def _int_alias(key: str) -> int | None:
+    """The integer a canonical integer string names ("42" -> 42; "042", "4.2" -> None)."""
+    if key[:1].isdigit() or (key[:1] == "-" and key[1:2].isdigit()):
+        try:
+            value = int(key)
+        except ValueError:
+            return None
+        return value if str(value) == key else None
+    return None
 
 
 class ItemRowCache:
@@ -86,29 +91,25 @@ class ItemRowCache:
         self._free = list(range(cap - 1, -1, -1))
 
     def __len__(self) -> int:
-        return len(self.index)
+        return int(self.used.sum())
 
-    def lookup(self, keys: Sequence[str], now: float) -> np.ndarray:
-        """Slot of each key, NO_SLOT for a miss or an expired row."""
+    def lookup(self, keys: Sequence[str | int], now: float) -> np.ndarray:
+        """Slot of each id (a string, or an integer: 42 and "42" are one item), NO_SLOT for a
+        miss or an expired row. Integer ids are indexed as such too, so a request of integer
+        ids is looked up without formatting 100 strings."""
         n = len(keys)
         slots = np.fromiter(map(self.index.get, keys, repeat(NO_SLOT, n)), dtype=np.intp, count=n)
-        if not self.index:
-            return slots
-        hit = slots >= 0
-        if hit.any():
-            hs = slots[hit]
-            live = self.expires[hs] >= now
-            if not live.all():
-                slots[np.flatnonzero(hit)[~live]] = NO_SLOT
-                hs = hs[live]
-            self.ref[hs] = True
+        live = self.expires[slots] >= now  # the spare slot never is
+        if not live.all():
+            slots[~live] = NO_SLOT
+        self.ref[slots] = True
         return slots
 
     def rows_at(self, slots: np.ndarray) -> list[Row | None]:
         """The row in each slot (None for NO_SLOT)."""
         return list(map(self.rows.__getitem__, slots.tolist()))
 
-    def put(self, keys: Sequence[str], rows: Sequence[Row | None], now: float) -> tuple[np.ndarray, np.ndarray]:
+    def put(self, keys: Sequence[str | int], rows: Sequence[Row | None], now: float) -> tuple[np.ndarray, np.ndarray]:
         """Store rows (None: known absent); returns their slots (NO_SLOT where none is free) and
         the generation each got (a slot reused later in the same call has moved past it)."""
         out = np.full(len(keys), NO_SLOT, dtype=np.intp)
@@ -124,8 +125,12 @@ class ItemRowCache:
                     if not self._free:
                         break
                 slot = self._free.pop()
-                self.index[key] = slot
-                self.keys[slot] = key
+                text = key if type(key) is str else str(key)
+                self.index[text] = slot
+                alias = _int_alias(text)
+                if alias is not None:
+                    self.index[alias] = slot
+                self.keys[slot] = text
                 self.used[slot] = True
             self.rows[slot] = row
             self.expires[slot] = expires
@@ -146,7 +151,11 @@ class ItemRowCache:
                 victims = np.union1d(victims, np.setdiff1d(rest, victims)[: want - len(victims)])
             self.ref[:] = False
         for s in victims.tolist():
-            del self.index[self.keys[s]]
+            text = self.keys[s]
+            del self.index[text]
+            alias = _int_alias(text)
+            if alias is not None:
+                self.index.pop(alias, None)
             self.keys[s] = None
             self.rows[s] = None
             self.used[s] = False
@@ -168,40 +177,32 @@ class ItemRowCache:
 class ItemTokenCache:
     """One model version's item-side tokens by row-cache slot, valid while the slot's generation
     matches the stamp. `gaps` holds, per slot, a bitmask of the item fields the stored row lacked
-    (for the missing-field counts). Grows to the row cache's capacity, never past it."""
+    (for the missing-field counts). Sized to its row cache (one per store), spare slot included:
+    the spare's stamp stays -1, so NO_SLOT never matches."""
 
     def __init__(self, width: int) -> None:
         self.width = width
-        self.tokens = np.zeros((0, width), dtype=np.int64)
-        self.stamp = np.zeros(0, dtype=np.int64)
-        self.gaps = np.zeros(0, dtype=np.int64)
+        self.rows: ItemRowCache | None = None
+        self._size(0)
 
-    def _ensure(self, size: int) -> None:
-        have = len(self.stamp)
-        if size <= have:
-            return
-        size = max(size, 2 * have, 64)
-        tokens = np.zeros((size, self.width), dtype=np.int64)
-        tokens[:have] = self.tokens
-        stamp = np.full(size, -1, dtype=np.int64)
-        stamp[:have] = self.stamp
-        gaps = np.zeros(size, dtype=np.int64)
-        gaps[:have] = self.gaps
-        self.tokens, self.stamp, self.gaps = tokens, stamp, gaps
+    def _size(self, size: int) -> None:
+        self.tokens = np.zeros((size, self.width), dtype=np.int64)
+        self.stamp = np.full(size, -1, dtype=np.int64)
+        self.gaps = np.zeros(size, dtype=np.int64)
+
+    def bind(self, rows: ItemRowCache) -> None:
+        """Key by this row cache's slots (a different row cache: start over)."""
+        if rows is not self.rows:
+            self.rows = rows
+            self._size(rows.capacity + 1)
 
     def stale(self, slots: np.ndarray, gens: np.ndarray) -> np.ndarray:
         """Positions (into `slots`) whose tokens are not cached for this generation."""
-        cached = slots >= 0
-        if cached.any():
-            self._ensure(int(slots.max()) + 1)
-            cached[cached] = self.stamp[slots[cached]] == gens[cached]
-        return np.flatnonzero(~cached)
+        return np.flatnonzero(self.stamp[slots] != gens)
 
     def store(self, slots: np.ndarray, gens: np.ndarray, tokens: np.ndarray, gaps: np.ndarray) -> None:
         keep = slots >= 0
-        if keep.any():
-            s = slots[keep]
-            self._ensure(int(s.max()) + 1)
-            self.tokens[s] = tokens[keep]
-            self.stamp[s] = gens[keep]
-            self.gaps[s] = gaps[keep]
+        s = slots[keep]
+        self.tokens[s] = tokens[keep]
+        self.stamp[s] = gens[keep]
+        self.gaps[s] = gaps[keep]

@@ -211,3 +211,13 @@ def test_field_plan_names_the_stored_fields(synth_spec):
     assert plan.item_id == "item_id" and set(plan.stored_item) == {"item_category", "item_brand", "item_price"}
     frappe = FeatureSpec.load("frappe_x1")
     assert FieldPlan.for_spec(frappe).stored_user == () and FieldPlan.for_spec(frappe).stored_item == ("cost",)
+
+
+def test_integer_and_string_ids_are_one_item_in_the_row_cache():
+    cache = ItemRowCache(4, float("inf"))
+    slots, _ = cache.put([42, "7", "042", "x"], [{"a": 1}, {"a": 2}, {"a": 3}, {"a": 4}], 0.0)
+    assert cache.lookup(["42", 42, 7, "7", "042", "x"], 0.0).tolist() == [slots[0], slots[0], slots[1], slots[1], slots[2], slots[3]]
+    assert cache.lookup([42_0, "0042"], 0.0).tolist() == [-1, -1]
+    cache.put(["y"], [None], 0.0)  # full: a sweep evicts, and the evicted id's alias goes with it
+    assert len(cache) <= 4 and len(cache.index) == sum(1 for k in cache.keys if k is not None) + sum(
+        1 for k in cache.keys if k is not None and k.isdigit() and str(int(k)) == k)
