@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import sys
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from model.logs import kv
 from service import errors
 from service.ab import Assigner
 from service.admission import Admission
-from service.config import ServiceConfig, load_config, with_default_variant
+from service.config import ServiceConfig, load_settings, with_default_variant
 from service.features import FeatureStore, build_store
 from service.gc_pauses import GcPauseTimer, freeze_heap
 from service.health import Check, Lifecycle
@@ -152,6 +151,5 @@ def _install_openapi(app: FastAPI) -> None:
 
 
 def from_env() -> FastAPI:
-    """uvicorn factory: `uvicorn --factory service.app:from_env` with CTR_CONFIG / CTR_REPO / CTR_REDIS_URL."""
-    cfg = load_config(os.environ.get("CTR_CONFIG"), repo=os.environ.get("CTR_REPO"), features__redis_url=os.environ.get("CTR_REDIS_URL"))
-    return create_app(cfg)
+    """uvicorn factory: `uvicorn --factory service.app:from_env`, the settings `ctr serve` reads (CTR_* env, CTR_CONFIG)."""
+    return create_app(load_settings(configure_logging=True))

@@ -184,3 +184,42 @@ def test_uvicorn_lines_follow_the_process_log_format():
     (line,) = [line for line in out.stderr.splitlines() if line.strip()]
     rec = json.loads(line)
     assert rec["logger"] == "uvicorn.error" and rec["event"] == "Started server process [42]" and rec["level"] == "INFO"
+
+
+def test_the_uvicorn_factory_serves_from_the_environment(tmp_path, synth_spec, synth_dir):
+    """`uvicorn --factory service.app:from_env` configured only by CTR_* variables: it serves,
+    and its log lines follow CTR_LOG_FORMAT=json."""
+    import time
+
+    import httpx
+
+    from tests.service_support import request_body
+    from tests.testing import free_port
+
+    repo = tmp_path / "models"
+    tiny_package(repo, "synth", 1, synth_spec)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CTR_")}
+    env.update(CTR_REPO=str(repo), CTR_LOG_FORMAT="json", CTR_BATCHER__MAX_BATCH_ROWS="64",
+               CTR_FEATURES__USERS_TABLE=str(synth_dir / "users.parquet"), CTR_FEATURES__ITEMS_TABLE=str(synth_dir / "items.parquet"))
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "service.app:from_env", "--port", str(port)],
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0] if proc.poll() is not None else "timeout"
+            time.sleep(0.2)
+        r = httpx.post(url + "/score", json=request_body(synth_dir, 4), timeout=30)
+        assert r.status_code == 200 and r.json()["version"] == 1
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=60)[0]
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    loaded = [r for r in records if r["event"] == "model_loaded"]
+    assert loaded and loaded[0]["version"] == 1 and loaded[0]["logger"] == "service.registry", out[-3000:]
