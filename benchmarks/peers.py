@@ -274,6 +274,14 @@ def _free(port: int) -> bool:
             return False
 
 
+def start_time(pid: int) -> int | None:
+    """A process's start time in clock ticks: with its pid, an identity that survives pid reuse."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 @dataclass
 class Server:
     name: str
@@ -281,7 +289,12 @@ class Server:
     proc: subprocess.Popen
     port: int
     started_s: float
-    pids: set[int] = field(default_factory=set)
+    # (pid, start time) of every process seen in the server's tree, so that one a runtime
+    # reparented away (Ray's) is still stopped, and a reused pid never is.
+    seen: set[tuple[int, int | None]] = field(default_factory=set)
+
+    def remember(self, pids) -> None:
+        self.seen |= {(pid, start_time(pid)) for pid in pids}
 
     @property
     def path(self) -> str:
@@ -335,7 +348,7 @@ def wait_ready(server: Server, probe: bytes, timeout_s: float = 300.0) -> None:
 
 def stop(server: Server) -> None:
     """SIGTERM, then SIGKILL to whatever of the server's own process tree is left."""
-    pids = set(tree_pids(server.proc.pid)) | server.pids
+    server.remember(tree_pids(server.proc.pid))
     if server.peer is None:
         stop_server(server.proc)
     else:
@@ -346,9 +359,10 @@ def stop(server: Server) -> None:
         except subprocess.TimeoutExpired:
             server.proc.kill()
             server.proc.wait(10)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
+    for pid, started in server.seen:
+        if started is not None and start_time(pid) == started:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------- load generation
@@ -451,7 +465,7 @@ def measure(server: Server, sc: Scenario, bodies: list[bytes], bodies_file: Path
     before = tree_cpu(server.proc.pid)
     s = run_wrk(server, bodies_file, sc.conns, seconds, lua) if use_wrk else run_asyncio(server, bodies, sc.conns, seconds)
     after = tree_cpu(server.proc.pid)
-    server.pids |= set(after)
+    server.remember(after)
     n = max(1, s["requests"])
     s.update(
         loadgen="wrk -t1" if use_wrk else "asyncio",
