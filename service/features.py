@@ -19,7 +19,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -374,10 +374,16 @@ def build_store(cfg: "Any") -> FeatureStore:
     return InMemoryFeatureStore.from_tables(cfg.users_table, cfg.items_table, share)
 
 
-async def features_ready(store: FeatureStore) -> tuple[bool, dict[str, Any]]:
-    """The readiness hook: (ok, a JSON-able summary for the /readyz body)."""
-    check = await store.check()
-    return check.ok, check.as_dict()
+def feature_data_check(store: FeatureStore) -> Callable[[], Awaitable[bool]]:
+    """A readiness check (`Service.checks["features"]`): the feature data the manifest names is
+    all there. The details (`store.check()`'s FeatureCheck: per-entity rows, fields, fingerprint,
+    load time) are what a /readyz body or a `ctr_feature_manifest_ok` gauge can show; the check
+    reads Redis at most once a second however often it is probed."""
+
+    async def features() -> bool:
+        return (await store.check()).ok
+
+    return features
 
 
 def _redis_value(v: Any) -> str | int | float:

@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from service.encoding import FieldPlan, Missing, RequestEncoder
-from service.features import MISSING_FEATURES, InMemoryFeatureStore, RedisFeatureStore, bulk_load, features_ready, read_entity_table
+from service.features import MISSING_FEATURES, InMemoryFeatureStore, RedisFeatureStore, bulk_load, feature_data_check, read_entity_table
 from service.manifest import file_sha256, manifest_key
 from tests import encoding_oracle as oracle
 from tests.conftest import REPO
@@ -190,13 +190,13 @@ def test_features_load_writes_a_manifest_that_the_store_checks(private_redis, sy
         assert good.ok and good.entities["user"].rows == 800 and good.entities["item"].rows == 400
         assert good.entities["item"].fingerprint == file_sha256(synth_dir / "items.parquet")
         assert good.entities["user"].sample_found == good.entities["user"].sample_total == 32
-        ok, body = await features_ready(store)
-        assert ok and body["rows"] == 1200
+        assert await feature_data_check(store)() and good.as_dict()["rows"] == 1200
 
         sampled = json.loads(client.get(manifest_key("t", "user")))["sample"][5]
         client.delete(f"t:user:{sampled}")  # an evicted or expired row
         lost = await store.check(max_age_s=0)
         assert not lost.ok and lost.reason == "user:rows_lost"
+        assert not await feature_data_check(store)()
 
         needs_more = RedisFeatureStore(private_redis.url, "t", timeout_s=1.0)
         needs_more.use_fields(FieldPlan(("user_id",), ("item_id", "item_colour"), (), "user_id", "item_id"))
