@@ -125,3 +125,13 @@ def test_stats_shards_merge_from_the_command_line(package: Path, synth_dir: Path
     assert merged.rows == one.rows == len(train)
     for o in (2, 3):
         assert np.array_equal(merged.sketches[o].table, one.sketches[o].table)
+
+
+def test_stats_build_into_a_run_folder(trained_package: Path, tmp_path: Path, capsys):  # noqa: F811
+    """`--run` reads the run's spec and, without --data, the data directory its config.json names."""
+    meta = json.loads((trained_package / "metadata.json").read_text())
+    run = tmp_path / "run"
+    shutil.copytree(meta["source_run"], run)
+    assert main(["stats", "build", "--run", str(run), "--width-log2", "12", "--orders", "1,2"]) == 0
+    out = _json(capsys)
+    assert out["orders"] == [1, 2] and out["rows"] > 0 and (run / STATS_FILE).is_file()
