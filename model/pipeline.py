@@ -1,7 +1,10 @@
 """One training run end to end: data -> (stage 1) -> stage 2 / supervised -> metrics -> run dir.
 
-`ctr train` and the quality benchmark both call `train_run`, so a benchmark number is exactly
-what a user gets from the command line with the same flags.
+`ctr train` and the quality benchmark both call `train_run` with a `RunConfig` resolved from the
+same recipe files (model/run_config.py), so a benchmark number is exactly what a user gets from
+`ctr train --config` with that recipe. The stages are separate functions (prepare, stage one,
+the stage-2 network, fine-tuning, evaluation, saving) so each can be read and tested alone;
+their order of seeding is what makes a seeded run repeat bit for bit.
 """
 
 from __future__ import annotations

@@ -90,7 +90,10 @@ def load(path: str | Path) -> dict[str, Any]:
         raw = {}
     if not isinstance(raw, Mapping):
         raise ValueError(f"{path}: a recipe is a mapping of keys, got {type(raw).__name__}")
-    if isinstance(raw.get("run"), Mapping) and "variant" in raw:  # a run directory's config.json
+    if "variant" in raw and "model_type" in raw:  # a run directory's config.json
+        if not isinstance(raw.get("run"), Mapping):
+            raise ValueError(f"{path}: this run's config.json predates recorded run configs (no `run` section); "
+                             "rerun it from its recipe and flags")
         raw = raw["run"]
     raw = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in raw.items()}
     check_keys(raw, str(path))

@@ -125,6 +125,7 @@ def test_a_shipped_recipe_is_found_by_name_from_any_directory(tmp_path, monkeypa
         ("train: 3\n", "'train' is a section of keys"),
         ("- 1\n- 2\n", "a recipe is a mapping of keys"),
         ("seed: 3\ntrain:\n  seed: 4\n", "a run has one seed"),
+        ("variant: dgenctr\ntrain: {}\n", "predates recorded run configs"),  # an old run's config.json
     ],
 )
 def test_a_bad_recipe_key_is_refused_with_the_valid_ones(tmp_path, capsys, text, message):
