@@ -26,7 +26,7 @@ from service import errors
 from service.ab import Assigner
 from service.admission import Admission
 from service.config import ServiceConfig, load_settings, with_default_variant
-from service.features import FeatureStore, build_store
+from service.features import FeatureStore, build_store, feature_data_check
 from service.gc_pauses import GcPauseTimer, freeze_heap
 from service.health import Check, Lifecycle
 from service.metrics import Metrics
@@ -81,6 +81,8 @@ def build_service(cfg: ServiceConfig, store: FeatureStore | None = None) -> Serv
         executor=executor,
     )
     svc.checks["store"] = store.ping
+    svc.checks["features"] = feature_data_check(store)  # the data `ctr features load` wrote is all there
+    svc.registry.on_build = lambda model: store.use_fields(model.encoder.plan)  # Redis reads only served fields
     return svc
 
 

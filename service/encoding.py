@@ -226,10 +226,6 @@ class RequestEncoder:
         return self.spec.encode(cols, strict=False)
 
 
-def FastEncoder(encoder: RequestEncoder) -> RequestEncoder:  # noqa: N802 - removed once registry.py stops calling it
-    return encoder
-
-
 def user_value(name: str, context: Any, user_id: Any, user_id_field: str | None, user: Any, missing: Any) -> Any:
     """One precedence for a user field: request context, then the request's user id, then the
     stored user row (a stored user lacking the field is counted)."""

@@ -30,7 +30,7 @@ from prometheus_client import Counter
 from model.logs import kv
 from service.batcher import Batcher
 from service.config import ServiceConfig, VariantConfig
-from service.encoding import FastEncoder, RequestEncoder
+from service.encoding import RequestEncoder
 from service.metrics import Metrics
 from service.package import Package, PackageRefused, latest_version, list_versions, load_package
 from service.providers import choose_providers
@@ -95,13 +95,9 @@ def failure_reason(exc: BaseException) -> str:
 class LoadedModel:
     variant: str
     package: Package
-    encoder: RequestEncoder
+    encoder: RequestEncoder  # this version's own (its item token cache dies with it)
     scorer: Scorer
     batcher: Batcher
-    fast: FastEncoder = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.fast = FastEncoder(self.encoder)
 
     @property
     def name(self) -> str:
@@ -122,6 +118,7 @@ class Registry:
     _failed: set[tuple[str, int]] = field(default_factory=set)
     _retiring: set[asyncio.Task] = field(default_factory=set)
     on_swap: Callable[[], None] | None = None  # runs after a new version is swapped in
+    on_build: Callable[[LoadedModel], None] | None = None  # runs on a new version before it is swapped in
     # Versions chosen at construction, and their opened packages and sessions, which the first
     # load reuses instead of opening them twice.
     _chosen: dict[str, int] = field(default_factory=dict)
@@ -165,7 +162,8 @@ class Registry:
         buckets = sorted(set(sc.buckets) | {self.cfg.batcher.max_batch_rows})
         try:
             # Only providers that can load here: no CUDA error on a CPU host (service/providers.py).
-            scorer = Scorer(pkg.onnx_path, choose_providers(sc.providers), sc.intra_op_threads, sc.inter_op_threads, buckets, pkg.input_name, pkg.output_name)
+            scorer = Scorer(pkg.onnx_path, choose_providers(sc.providers), sc.intra_op_threads, sc.inter_op_threads, buckets, pkg.input_name, pkg.output_name,
+                            pad=sc.pad_to_buckets)
             if scorer.num_fields is not None and scorer.num_fields != pkg.spec.num_fields:
                 raise PackageRefused(f"model takes {scorer.num_fields} fields, spec has {pkg.spec.num_fields}")
         except PackageRefused:
@@ -242,6 +240,8 @@ class Registry:
                 if initial:
                     raise
                 return {"variant": vc.name, "model": vc.model, "version": version, "result": "failed", "error": str(exc)[:300]}
+            if self.on_build is not None:
+                self.on_build(new)
             new.batcher.start()
             self.models[vc.name] = new  # the atomic swap: one dict assignment on the event loop
             self.metrics.reload.labels(vc.name, "ok").inc()

@@ -158,7 +158,7 @@ async def fetch(svc: "Service", user_id: Any, item_ids: list[Any]) -> Fetched:
         m.cache_misses.inc(fetched.cache_misses)
     if fetched.degraded:
         m.degraded.labels(fetched.reason or "store_error").inc()
-        if svc.cfg.features.on_store_error == "reject":
+        if fetched.store_failed and svc.cfg.features.on_store_error == "reject":
             raise Overloaded("store_unavailable", "feature store unavailable")
     return fetched
 
@@ -167,7 +167,7 @@ def encode(svc: "Service", model: LoadedModel, req: ScoreRequest, fetched: Fetch
     """Tokens [items, fields] by the model's own spec; values it refuses are a 422 (SpecError)."""
     missing = Missing()
     feats = [it.features for it in req.items]
-    tokens = model.fast.encode_request(req.user_id, fetched.user, fetched.items, item_ids, feats, req.context, missing)
+    tokens = model.encoder.encode_request(req.user_id, fetched.user, fetched.items, item_ids, feats, req.context, missing)
     for entity, n in missing.counts.items():
         svc.metrics.feature_missing.labels(entity).inc(n)
     return tokens
@@ -204,7 +204,7 @@ async def shadow(svc: "Service", req: ScoreRequest, fetched: Fetched, item_ids: 
     try:
         model = svc.registry.get(name)
         feats = [it.features for it in req.items]
-        tokens = model.fast.encode_request(req.user_id, fetched.user, fetched.items, item_ids, feats, req.context)
+        tokens = model.encoder.encode_request(req.user_id, fetched.user, fetched.items, item_ids, feats, req.context)
         probs = await model.batcher.submit(tokens, time.monotonic() + svc.cfg.batcher.timeout_ms / 1000)
     except QueueOverloaded as exc:
         svc.metrics.rejected.labels(name, exc.reason).inc()
