@@ -31,6 +31,8 @@ def log_data() -> tuple[FeatureSpec, np.ndarray, object]:
 
 
 def _scorer(stats, **cfg) -> MattScorer:
+    """Conservative settings (lower bounds, larger kappa) so that the tail is clearly distrusted."""
+    cfg = {"kappa": [20, 10, 5], "frequency": "lower", **cfg}
     return MattScorer.from_stats(stats, TestTimeConfig(**cfg), replacement=OOV_ID)
 
 
@@ -160,3 +162,15 @@ def test_config_validation_and_replacement_token(log_data):
     assert replacement_token({"model_type": "dnn", "metrics": {"variant": "dnn"}}) == OOV_ID
     assert replacement_token({"model_type": "dgenctr", "metrics": {"variant": "dgenctr-fmask"}}) == OOV_ID
     assert replacement_token({}, "mask") == MASK_ID
+
+
+def test_upper_bound_frequencies_give_at_least_the_lower_bound_confidence(log_data):
+    _, tokens, stats = log_data
+    rows = tokens[:2000]
+    low = _scorer(stats, frequency="lower").confidence(rows)
+    up = _scorer(stats, frequency="upper").confidence(rows)
+    assert (up >= low - 1e-12).all() and (up > low).any()
+    for agg in ("mean", "min"):
+        c = _scorer(stats, field_agg=agg).confidence(rows)
+        assert c.shape == rows.shape and (c >= 0).all() and (c <= 1).all()
+    assert (_scorer(stats, field_agg="min").confidence(rows) <= _scorer(stats, field_agg="mean").confidence(rows) + 1e-12).all()

@@ -34,16 +34,17 @@ class TestTimeConfig(BaseModel):
     method: Literal["none", "matt"] = "matt"
     paths: int = Field(8, ge=1, le=64, description="M, path 0 (the full row) included")
     trigger: Literal["all", "uncertain"] = "all"
-    kappa: list[float] = Field(default_factory=lambda: [20.0, 10.0, 5.0],
+    # Defaults chosen on Frappe_x1's validation split (docs/test-time.md §6, preliminary).
+    kappa: list[float] = Field(default_factory=lambda: [1.0],
                                description="f/(f+kappa) per order (1, 2, 3); one value for all orders also works")
     orders: list[int] = Field(default_factory=lambda: [1, 2, 3])
-    frequency: Literal["lower", "upper"] = "lower"
+    frequency: Literal["lower", "upper"] = "upper"
     field_agg: Literal["mean", "min"] = "mean"
     keep_above: float = Field(0.95, ge=0.0, le=1.0, description="fields this confident are never replaced")
     sampling: Literal["confidence", "uniform"] = "confidence"
     uniform_keep: float = Field(0.8, ge=0.0, le=1.0, description="keep probability of every field when sampling=uniform")
     aggregate: Literal["mean", "weighted"] = "mean"
-    replacement: Literal["auto", "oov", "mask"] = "auto"
+    replacement: Literal["auto", "oov", "mask"] = "oov"
     uncertain_min_conf: float = Field(0.5, ge=0.0, le=1.0, description="trigger: some field less confident than this")
     uncertain_logit_band: float = Field(0.0, ge=0.0,
                                         description="trigger: |logit(p) - logit(train positive rate)| below this (0: off)")
