@@ -42,7 +42,7 @@ def assert_clean(rows: list[dict]) -> None:
         assert r["requests"] > 0 and r["ok"] == r["requests"], r
         assert r["non_2xx"] == 0 and r["errors"] == 0, r
         assert r["parity_max_abs_diff"] <= 1e-5, r
-        assert r["rows_per_s"] > 0 and r["server_cpu_ms_per_req"] > 0, r
+        assert r["rows_per_s"] > 0 and r["server_cpu_ms_per_req"] > 0 and r["model_cpu_ms_per_req"] > 0, r
 
 
 def assert_redis_clean(redis_url: str, prefix: str) -> None:
@@ -102,10 +102,11 @@ def test_scenarios_and_ratios():
     from benchmarks.peers import Scenario, add_ratios, markdown
 
     assert [(s.items, s.conns) for s in Scenario.parse("10x16, 500x32")] == [(10, 16), (500, 32)]
-    base = {"model": "m", "items": 10, "conns": 16, "p50_ms": 1.0, "p99_ms": 2.0, "non_2xx": 0, "errors": 0, "server_cpu_ms_per_req": 1.0}
+    base = {"model": "m", "items": 10, "conns": 16, "p50_ms": 1.0, "p99_ms": 2.0, "non_2xx": 0, "errors": 0, "server_cpu_ms_per_req": 1.0,
+            "outside_model_cpu_ms_per_req": 0.75}
     rows = [{**base, "server": "ctr-serve", "rows_per_s": 300.0}, {**base, "server": "naive", "rows_per_s": 200.0},
             {"model": "m", "items": 10, "conns": 16, "server": "ray-serve", "skipped": "failed: x"}]
     add_ratios(rows)
     assert "ctr_serve_ratio" not in rows[0] and rows[1]["ctr_serve_ratio"] == pytest.approx(1.5)
     table = markdown(rows)
-    assert "| 1.50 |" in table and "failed: x" in table
+    assert "| 1.50 |" in table and "| 1.00 (0.75) |" in table and "failed: x" in table
