@@ -24,7 +24,7 @@ from fastapi import FastAPI
 from model.logs import kv
 from service import errors
 from service.ab import Assigner
-from service.admission import Admission
+from service.admission import Admission, AdmissionGate
 from service.config import ServiceConfig, load_settings, with_default_variant
 from service.features import FeatureStore, build_store, feature_data_check
 from service.gc_pauses import GcPauseTimer, freeze_heap
@@ -131,6 +131,9 @@ def create_app(cfg: ServiceConfig, store: FeatureStore | None = None) -> FastAPI
     app.include_router(admin.router)
     docs.install(app)
     errors.install(app)
+    # add_middleware wraps: the last added runs first. Request context outermost, so every
+    # answer (a refusal at the gate included) carries the request id and is timed.
+    app.add_middleware(AdmissionGate, admission=svc.admission, limits=svc.cfg.limits)
     app.add_middleware(RequestContextMiddleware, metrics=svc.metrics)
     _install_openapi(app)
     return app

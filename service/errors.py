@@ -126,16 +126,22 @@ def internal_error_response(request_id: str) -> Response:
     return json_response(500, {"detail": "internal error", "request_id": request_id})
 
 
+def answer(err: ServiceError, scope: dict[str, Any]) -> Response:
+    """The response for `err`; a refusal's reason is noted for ctr_rejected_total."""
+    if isinstance(err, Overloaded):
+        ctx = scope.get("ctr")
+        if ctx is not None:
+            ctx.rejected = err.reason
+    return error_response(err)
+
+
 def install(app: FastAPI) -> None:
     """Register the handler for every typed error on `app` (FastAPI's exception handlers)."""
 
     async def handle(request: Request, exc: Exception) -> Response:
         err = as_service_error(exc)
         assert err is not None
-        ctx = request.scope.get("ctr")
-        if isinstance(err, Overloaded) and ctx is not None:
-            ctx.rejected = err.reason
-        return error_response(err)
+        return answer(err, request.scope)
 
     for exc_type in (ServiceError, batcher.Overloaded, UnknownVariant, UnknownModel, SpecError):
         app.add_exception_handler(exc_type, handle)

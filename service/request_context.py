@@ -41,13 +41,14 @@ def valid_request_id(value: Any) -> bool:
 class RequestContext:
     """What the route tells the middleware about one request (kept in scope["ctr"])."""
 
-    __slots__ = ("_id", "variant", "rejected", "t0")
+    __slots__ = ("_id", "variant", "rejected", "t0", "ticket")
 
     def __init__(self, request_id: str | None, t0: float) -> None:
         self._id = request_id
         self.variant = "none"  # the A/B arm, once assigned
         self.rejected: str | None = None  # the 503 reason, when refused
         self.t0 = t0
+        self.ticket: Any = None  # the admission ticket of a POST /score (service/admission.py)
 
     @property
     def request_id(self) -> str:

@@ -1,10 +1,11 @@
 """POST /score: one request read as a pipeline, each stage one call.
 
-    headers -> admit -> read -> parse -> assign -> fetch -> encode -> batch -> respond
+    (admit) -> read -> parse -> assign -> fetch -> encode -> batch -> respond
 
 Every stage raises a typed error (service/errors.py) instead of answering itself; one handler
-turns those into statuses. The admission check comes before the body is read, so an
-overloaded service refuses at the cost of reading a few headers. The model version is resolved
+turns those into statuses. Admission is decided before the route runs, by the gate in
+service/admission.py: an overloaded service refuses at the cost of reading a few headers, not
+of routing, reading and parsing the body. The model version is resolved
 after the fetch, and encode and submit run with no await between them, so a hot swap can
 never pair one version's tokens with another version's session.
 """
@@ -24,7 +25,7 @@ from fastapi.responses import Response
 from model.logs import kv
 from service.batcher import Overloaded as QueueOverloaded
 from service.encoding import Missing
-from service.errors import BodyTimeout, ClientGone, Overloaded, PayloadTooLarge, UnsupportedMediaType
+from service.errors import BodyTimeout, ClientGone, Overloaded, PayloadTooLarge
 from service.features import Fetched
 from service.registry import LoadedModel
 from service.schemas import ScoreRequest, parse_request
@@ -59,59 +60,24 @@ async def score(request: Request) -> Response:
     """Score candidate items for one user; scores come back in item order."""
     svc: Service = request.app.state.service
     ctx = request.scope["ctr"]
-    length = check_headers(request.scope, svc.cfg.limits)
-    with svc.admission.admit(length) as ticket:
-        body = await read_body(request, length, svc.cfg.limits)
-        req = parse(svc, body, ticket)
-        request_id = ctx.adopt(req.request_id)
-        ctx.variant = variant = svc.assigner.assign(req.user_id, req.variant)
-        item_ids = [it.item_id for it in req.items]
-        fetched = await fetch(svc, req.user_id, item_ids)
-        model = svc.registry.get(variant)
-        tokens = encode(svc, model, req, fetched, item_ids)
-        probs = await batch(svc, model, variant, tokens)
-        ticket.done = True
+    ticket = ctx.ticket  # admitted at the door (service/admission.py), before the body was read
+    body = await read_body(request, svc.cfg.limits)
+    req = parse(svc, body, ticket)
+    request_id = ctx.adopt(req.request_id)
+    ctx.variant = variant = svc.assigner.assign(req.user_id, req.variant)
+    item_ids = [it.item_id for it in req.items]
+    fetched = await fetch(svc, req.user_id, item_ids)
+    model = svc.registry.get(variant)
+    tokens = encode(svc, model, req, fetched, item_ids)
+    probs = await batch(svc, model, variant, tokens, ticket)
+    ticket.done = True
     if svc.cfg.shadow is not None:
         svc.spawn(shadow(svc, req, fetched, item_ids, request_id))
     return respond(svc, model, variant, probs, fetched, req.request_id or request_id)
 
 
 # ---------------------------------------------------------------- stages
-def check_headers(scope: dict[str, Any], limits: "LimitsConfig") -> int | None:
-    """The Content-Length, after refusing what the headers alone rule out (415, 413)."""
-    length = None
-    media = encoding = None
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            try:
-                length = int(value)
-            except ValueError:
-                length = None
-        elif name == b"content-type":
-            media = value
-        elif name == b"content-encoding":
-            encoding = value
-    if media is None or not _is_json(media):
-        raise UnsupportedMediaType(f"Content-Type must be {_JSON}, got {media.decode('latin-1') if media else 'none'}")
-    if encoding is not None and encoding.strip().lower() != b"identity":
-        raise UnsupportedMediaType(f"Content-Encoding {encoding.decode('latin-1')} is not supported: send the JSON as is")
-    if length is not None and length > limits.max_body_bytes:
-        raise PayloadTooLarge(limits.max_body_bytes)
-    return length
-
-
-def _is_json(media: bytes) -> bool:
-    kind, _, params = media.partition(b";")
-    if kind.strip().lower() != b"application/json":
-        return False
-    for param in params.split(b";"):
-        key, _, val = param.partition(b"=")
-        if key.strip().lower() == b"charset" and val.strip().strip(b'"').lower() not in (b"utf-8", b"utf8"):
-            return False
-    return True
-
-
-async def read_body(request: Request, length: int | None, limits: "LimitsConfig") -> bytes:
+async def read_body(request: Request, limits: "LimitsConfig") -> bytes:
     """The whole body within `body_timeout_s` and `max_body_bytes` (408, 413, client gone)."""
     receive = request.receive
     limit = limits.max_body_bytes
@@ -173,13 +139,17 @@ def encode(svc: "Service", model: LoadedModel, req: ScoreRequest, fetched: Fetch
     return tokens
 
 
-async def batch(svc: "Service", model: LoadedModel, variant: str, tokens: np.ndarray) -> np.ndarray:
-    """Probabilities from the model's batcher (503 when its queue is full or the deadline passes)."""
+async def batch(svc: "Service", model: LoadedModel, variant: str, tokens: np.ndarray, ticket: "Ticket") -> np.ndarray:
+    """Probabilities from the model's batcher (503 when its queue is full or the deadline passes;
+    a deadline tells admission control it let in too much)."""
     n = tokens.shape[0]
     inflight = svc.metrics.inflight_rows.labels(variant)
     inflight.inc(n)
     try:
         return await model.batcher.submit(tokens, time.monotonic() + svc.cfg.batcher.timeout_ms / 1000.0)
+    except QueueOverloaded as exc:
+        ticket.expired = exc.reason == "deadline"
+        raise
     finally:
         inflight.dec(n)
 
