@@ -35,7 +35,7 @@ class TestTimeConfig(BaseModel):
     paths: int = Field(8, ge=1, le=64, description="M, path 0 (the full row) included")
     trigger: Literal["all", "uncertain"] = "all"
     # Defaults chosen on Frappe_x1's validation split (docs/test-time.md §6, preliminary).
-    kappa: list[float] = Field(default_factory=lambda: [1.0],
+    kappa: list[float] = Field(default_factory=lambda: [0.5],
                                description="f/(f+kappa) per order (1, 2, 3); one value for all orders also works")
     orders: list[int] = Field(default_factory=lambda: [1, 2, 3])
     frequency: Literal["lower", "upper"] = "upper"
