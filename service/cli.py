@@ -94,9 +94,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     if cfg.scorer.intra_op_threads == 0:  # "all cores" per worker would oversubscribe them
         cfg = cfg.model_copy(update={"scorer": cfg.scorer.model_copy(update={"intra_op_threads": default_intra_op_threads(workers)})})
-    elif workers * cfg.scorer.intra_op_threads > usable_cores():
+    elif workers * cfg.scorer.intra_op_threads > 2 * usable_cores():
         logging.getLogger("service").warning(
-            "threads_oversubscribed workers=%d intra_op_threads=%d cores=%d (intra_op_threads 0 picks one per worker)",
+            "threads_oversubscribed workers=%d intra_op_threads=%d cores=%d (intra_op_threads 0 picks the measured default)",
             workers, cfg.scorer.intra_op_threads, usable_cores(),
         )
     plan = Plan(workers=workers, host=args.host, port=args.port, drain_grace_s=cfg.drain_grace_s)
