@@ -87,7 +87,7 @@ def test_evaluate_plain_and_matt(package: Path, synth_dir: Path):
     assert full["test_time"]["paths"] == 4 and full["replacement_token"] == 1  # DGenCTR: OOV
 
     sel = _evaluate(package, synth_dir, "--test-time", "matt", "--set", "paths=4", "--set", "trigger=uncertain",
-                    "--set", "uncertain_min_conf=0.3")
+                    "--set", "uncertain_min_conf=0.3", "--set", "frequency=lower", "--set", "kappa=[20,10,5]")
     assert 0 < sel["share_with_extra_paths"] < 1
     assert sel["model_rows"] == sel["rows"] + 3 * round(sel["share_with_extra_paths"] * sel["rows"])
 
