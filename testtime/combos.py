@@ -2,13 +2,13 @@
 
 Order 1 is every field. Pairs and triples are limited to a field subset because their number
 grows as F^2 and F^3 and each one costs a hash and a counter update per training row. The
-defaults (docs/test-time.md): pairs over every non-cross field, triples over the
-`triple_top_k` non-cross fields with the most values. Cross fields are left out of pairs and
+defaults (docs/test-time.md): pairs over the `pair_top_k` = 5 and triples over the
+`triple_top_k` = 4 non-cross fields with the most values. Cross fields are left out of pairs and
 triples: a cross is itself a hashed combination of other fields, so counting it again with its
 own inputs adds nothing.
 
 Keys: when a combination's token ids fit in 64 bits next to a combination tag (the common
-case: Frappe's pairs need 13 + 13 bits), the key is the exact bit-packing of the ids, so two
+case: Frappe's user x item pair needs 10 + 12 bits), the key is the exact bit-packing of the ids, so two
 different combinations never share a key. Otherwise the ids are mixed with splitmix64, where
 a 64-bit collision is negligible next to the sketch's own error.
 """
