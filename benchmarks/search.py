@@ -417,21 +417,25 @@ def write_chosen(path: Path, recipe_path: Path, args: argparse.Namespace, overri
 
 def final(args: argparse.Namespace, summary: Mapping[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
     """Each chosen config trained once per seed on the real splits and scored on test."""
-    runs: dict[str, dict[int, dict[str, Any]]] = {}
     for model in args.models:
         info = summary["models"].get(model)
         if not info or not info.get("chosen"):
             raise SystemExit(f"no chosen config for {model} in {args.out / 'summary.json'}: run the search first")
-        runs[model] = {}
-        for seed in args.final_seeds:
-            run_dir = args.out / "final" / model / f"seed{seed}"
-            argv = train_argv(Path(info["chosen"]), args.dataset, args.data, seed, args.threads, run_dir)
-            res = run_child(argv, float("inf"))
-            if res.returncode != 0:
-                raise RuntimeError(f"final run {model} seed {seed} failed:\n" + "\n".join(res.tail))
-            metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-            runs[model][seed] = {"test": metrics["test"], "valid": metrics["valid"], "cpu_s": res.cpu_s}
-            log(f"final {model} seed {seed}: test AUC {metrics['test']['auc']:.5f}, {res.cpu_s:.0f} CPU-s")
+
+    def one(model: str, seed: int) -> dict[str, Any]:
+        run_dir = args.out / "final" / model / f"seed{seed}"
+        argv = train_argv(Path(summary["models"][model]["chosen"]), args.dataset, args.data, seed, args.threads, run_dir)
+        res = run_child(argv, float("inf"))
+        if res.returncode != 0:
+            raise RuntimeError(f"final run {model} seed {seed} failed:\n" + "\n".join(res.tail))
+        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        log(f"final {model} seed {seed}: test AUC {metrics['test']['auc']:.5f}, {res.cpu_s:.0f} CPU-s")
+        return {"test": metrics["test"], "valid": metrics["valid"], "cpu_s": res.cpu_s}
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {(m, s): pool.submit(one, m, s) for m in args.models for s in args.final_seeds}
+        runs: dict[str, dict[int, dict[str, Any]]] = {m: {s: futures[m, s].result() for s in args.final_seeds}
+                                                      for m in args.models}
     table = final_table(runs, summary)
     return {"dataset": args.dataset, "seeds": list(args.final_seeds), "runs": runs, "table": table}
 
@@ -495,7 +499,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1, help="the trials' training seed and the TPE sampler's seed")
     p.add_argument("--trials", type=int, default=0, help="also stop a model's search after this many trials (0: budget only)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per trial (CPU-seconds are charged over all of them)")
-    p.add_argument("--jobs", type=int, default=1, help="models searched side by side (each charged its own CPU time)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="models searched side by side (each charged its own CPU time); with --final, runs side by side")
     p.add_argument("--max-epochs", type=int, default=0, help="cap every trial's train.epochs (0: the recipe's)")
     p.add_argument("--max-pretrain-epochs", type=int, default=None, help="cap the sampled DGenCTR stage-1 epochs")
     p.add_argument("--max-rows", type=int, default=0, help="cap every split's rows (smoke runs)")
