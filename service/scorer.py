@@ -5,7 +5,7 @@ kernel selection, on CUDA a graph capture), so on CUDA every batch is padded wit
 to the next bucket and each bucket is run before the service reports ready. On CPU the padded
 rows cost more than new shapes do: over a stream of 600 batches of random sizes, exact shapes
 took 13% (Frappe DNN) and 15% (Frappe DGenCTR) less CPU than padded ones, and a new shape's
-first run costs at most ~30% over its later runs, once (benchmarks/padding.py,
+first run cost at most ~45% over its later runs, once (benchmarks/padding.py,
 docs/benchmarks.md), so there the batch runs as it is (`pad`, default: only on CUDA). Why report the provider:
 onnxruntime silently falls back to CPU when CUDA cannot load, and a GPU service that quietly
 runs on CPU is an outage nobody sees. Thread counts are set explicitly because the default
