@@ -67,8 +67,10 @@ def test_quick_ctr_serve_and_naive_peer(tmp_path, trained_package, synth_dir, re
     assert rows[1]["ctr_serve_ratio"] == pytest.approx(rows[0]["rows_per_s"] / rows[1]["rows_per_s"])
     assert result["meta"]["loadgen"] == loadgen
     lines = [line for line in table.splitlines() if line.startswith("| synth |")]
-    assert len(lines) == 2 and "| ctr-serve |" in lines[0] and "| naive |" in lines[1]
+    assert len(lines) == 3  # one per server, then the summary row (ctr-serve against the best peer)
+    assert "| ctr-serve | raw + Redis |" in lines[0] and "| naive | tokens |" in lines[1]
     assert "| 0 / 0 |" in lines[0] and "| 0 / 0 |" in lines[1]
+    assert lines[2].startswith("| synth | 100 | 4 |") and "| naive |" in lines[2]
     assert_redis_clean(redis_url, result["meta"]["redis_prefix"])
 
 
