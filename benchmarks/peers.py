@@ -317,13 +317,14 @@ def launch_peer(peer: Peer, onnx: Path, items: int, log: Path) -> Server:
     return Server(peer.name, peer, proc, port, t0)
 
 
-def launch_ctr(package: Path, redis_url: str, prefix: str, work: Path) -> Server:
-    """`ctr serve` with its defaults, but for the onnxruntime settings every server shares."""
+def launch_ctr(package: Path, redis_url: str, prefix: str, work: Path, threads: int = 1) -> Server:
+    """`ctr serve` with its defaults, but for the onnxruntime settings every server shares
+    (`threads` 0: the service's own intra-op default instead)."""
     cfg = work / "ctr-serve.json"
     cfg.write_text(json.dumps({"scorer": {"providers": ["CPUExecutionProvider"]}}))
     port = free_port()
     t0 = time.perf_counter()
-    proc = start_server(package.parent.parent, package.parent.name, redis_url, prefix, port, True, 1, cfg)
+    proc = start_server(package.parent.parent, package.parent.name, redis_url, prefix, port, True, threads, cfg)
     return Server(CTR, None, proc, port, t0)
 
 
@@ -563,7 +564,7 @@ def bench_package(pkg: Package, wl: Workload, servers: list[str], scenarios: lis
             log = work / f"{name}.log"
             server = None
             try:
-                server = launch_ctr(pkg.path, args.redis, prefix, work) if peer is None else launch_peer(peer, pkg.onnx, group[0], log)
+                server = launch_ctr(pkg.path, args.redis, prefix, work, args.ctr_intra_op_threads) if peer is None else launch_peer(peer, pkg.onnx, group[0], log)
                 wait_ready(server, peer_body(peer, probe_raw[0], probe_tok[0]))
                 diff, scores = check_parity(server, probe_raw, probe_tok, references)
                 if peer is None and diff <= TOLERANCE:
@@ -649,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, help="seconds of load before each timed run (default 1)")
     ap.add_argument("--bodies", type=int, default=200, help="distinct requests per size, cycled by the load generator")
     ap.add_argument("--parity-requests", type=int, default=4, help="requests checked against the offline scores before timing")
+    ap.add_argument("--ctr-intra-op-threads", type=int, default=1,
+                    help="ctr-serve's onnxruntime intra-op threads per worker (default 1, as every peer; 0: the service's own default)")
     ap.add_argument("--server-cpus", help="pin every server (and this script) to these CPUs, e.g. 0-5 (default: unpinned)")
     ap.add_argument("--loadgen-cpus", help="pin wrk to these CPUs, e.g. 6-7 (default: unpinned)")
     ap.add_argument("--loadgen", choices=["auto", "wrk", "asyncio"], default="auto", help="auto: wrk where installed, else asyncio")
@@ -715,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + table + f"\n{len(results)} runs in {elapsed / 60:.1f} min", flush=True)
     out = Path(args.out)
     meta = {"command": " ".join(["python", "benchmarks/peers.py", *(argv if argv is not None else sys.argv[1:])]), "cpus": os.cpu_count(),
-            "loadgen": args.loadgen, "server_cpus": args.server_cpus or "unpinned", "loadgen_cpus": args.loadgen_cpus or "unpinned",
+            "loadgen": args.loadgen, "ctr_intra_op_threads": args.ctr_intra_op_threads, "server_cpus": args.server_cpus or "unpinned", "loadgen_cpus": args.loadgen_cpus or "unpinned",
             "redis_prefix": prefix, "seconds": elapsed, "duration_s": args.duration,
             "scenarios": [asdict(s) for s in scenarios], "servers": servers, "data": str(data)}
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
