@@ -87,9 +87,19 @@ def test_evaluate_plain_and_matt(package: Path, synth_dir: Path):
     assert full["test_time"]["paths"] == 4 and full["replacement_token"] == 1  # DGenCTR: OOV
 
     sel = _evaluate(package, synth_dir, "--test-time", "matt", "--set", "paths=4", "--set", "trigger=uncertain",
-                    "--set", "uncertain_min_conf=0.3", "--set", "frequency=lower", "--set", "kappa=[20,10,5]")
+                    "--set", "uncertain_min_conf=0.3", "--set", "uncertain_logit_band=0", "--set", "frequency=lower",
+                    "--set", "kappa=[20,10,5]")
     assert 0 < sel["share_with_extra_paths"] < 1
     assert sel["model_rows"] == sel["rows"] + 3 * round(sel["share_with_extra_paths"] * sel["rows"])
+
+    # The default trigger reads the plain score (two calls: plain rows, then the extra rows only).
+    # This tiny model scores every row near the base rate, so a narrow band tells rows apart.
+    wide = _evaluate(package, synth_dir, "--test-time", "matt", "--set", "paths=4", "--set", "trigger=uncertain")
+    narrow = _evaluate(package, synth_dir, "--test-time", "matt", "--set", "paths=4", "--set", "trigger=uncertain",
+                       "--set", "uncertain_logit_band=0.02")
+    assert 0 < narrow["share_with_extra_paths"] < wide["share_with_extra_paths"]
+    for band in (wide, narrow):
+        assert band["model_rows"] == band["rows"] + 3 * round(band["share_with_extra_paths"] * band["rows"])
 
 
 def test_evaluate_refuses_matt_without_statistics_and_bad_settings(package: Path, synth_dir: Path, capsys):

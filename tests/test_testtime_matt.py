@@ -113,7 +113,7 @@ def test_paths_do_not_depend_on_the_batch_a_row_arrives_in(log_data):
 def test_uncertain_trigger_expands_only_uncertain_rows(log_data):
     _, tokens, stats = log_data
     rows = tokens[:1000]
-    scorer = _scorer(stats, paths=4, trigger="uncertain", uncertain_min_conf=0.5)
+    scorer = _scorer(stats, paths=4, trigger="uncertain", uncertain_min_conf=0.5, uncertain_logit_band=0)
     conf = scorer.confidence(rows)
     batch, plan = scorer.expand(rows)
     want = np.flatnonzero(conf.min(axis=1) < 0.5)

@@ -45,8 +45,8 @@ class TestTimeConfig(BaseModel):
     uniform_keep: float = Field(0.8, ge=0.0, le=1.0, description="keep probability of every field when sampling=uniform")
     aggregate: Literal["mean", "weighted"] = "mean"
     replacement: Literal["auto", "oov", "mask"] = "oov"
-    uncertain_min_conf: float = Field(0.5, ge=0.0, le=1.0, description="trigger: some field less confident than this")
-    uncertain_logit_band: float = Field(0.0, ge=0.0,
+    uncertain_min_conf: float = Field(0.0, ge=0.0, le=1.0, description="trigger: some field less confident than this (0: off)")
+    uncertain_logit_band: float = Field(3.0, ge=0.0,
                                         description="trigger: |logit(p) - logit(train positive rate)| below this (0: off)")
     seed: int = 0
 
