@@ -6,17 +6,21 @@ keeps serving for `drain_grace_s`; then uvicorn stops accepting, waits for every
 request (which waits on the batcher queue), runs the lifespan shutdown and exits 0. A second
 signal exits at once.
 
-While draining, every response carries `Connection: close`, so uvicorn closes each keep-alive
-connection right after the response in flight on it. Without that, a client that reuses an
-idle keep-alive connection at the moment the listener shuts down sends a request that the
-server closes unread, and the client sees a connection drop instead of an answer.
+Keep-alive connections are where a drain loses requests: a client that reuses an idle
+keep-alive connection at the moment the server closes it sends a request that is never read,
+and sees a dropped connection instead of an answer. So the drain ends them early, while the
+listener still accepts (a client that sees its connection close reconnects and is served):
+every response from SIGTERM on carries `Connection: close`, so each busy connection closes
+right after its response in flight, and a connection idle for IDLE_CLOSE_S (a pooled one,
+not one between two requests of a busy client, which would race) is closed by a sweep every
+quarter second. When the listener finally closes, almost no keep-alive connection is left.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +29,8 @@ import uvicorn
 from model.logs import kv, uvicorn_log_config
 
 log = logging.getLogger("service")
+
+IDLE_CLOSE_S = 0.5  # a keep-alive connection idle this long during a drain is closed
 
 # The documented default (docs/service.md, docs/operations.md): long enough for endpoints
 # and kube-proxy to forget a pod after its readiness turns false.
@@ -65,28 +71,63 @@ class DrainingServer(uvicorn.Server):
         self.drain_grace_s = drain_grace_s
         self.state = state if state is not None else DrainState()
         self._signalled = False
+        self._drain_begun = False
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         if self._signalled:
             self.force_exit = True
             return super().handle_exit(sig, frame)
         self._signalled = True
-        self.begin_drain(f"signal {sig}")
+        # This runs inside a signal handler, between any two bytecodes of the main thread,
+        # which may be holding a non-reentrant lock (threading's while it starts a thread,
+        # prometheus_client's while it updates a value). Starting a timer thread and logging
+        # from here left a worker with every thread waiting on a lock in one of seven SIGTERMs
+        # under load. So only plain writes here; the rest runs as an event-loop callback.
+        self.state.draining = True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not serving yet: nothing to drain
+            self.should_exit = True
+            return
+        loop.call_soon_threadsafe(self.begin_drain, f"signal {sig}")
 
     def begin_drain(self, why: str) -> None:
-        """Readiness false and `Connection: close` now; stop accepting after the grace."""
+        """On the event loop: readiness false and `Connection: close` now, idle keep-alive
+        connections closed, and the listener closed after the grace."""
+        if self._drain_begun:
+            return
+        self._drain_begun = True
         self.state.draining = True
         app = self.config.loaded_app if self.config.loaded else None
         svc = _find_service(app)
         if svc is not None:
             svc.lifecycle.begin_drain()
         log.info("drain_start %s", kv(why=why, grace_s=self.drain_grace_s))
+        self._close_idle_keepalive()
         if self.drain_grace_s > 0:
-            timer = threading.Timer(self.drain_grace_s, self._stop)
-            timer.daemon = True
-            timer.start()
+            asyncio.get_running_loop().call_later(self.drain_grace_s, self._stop)
         else:
             self._stop()
+
+    def _close_idle_keepalive(self) -> None:
+        """Close connections that answered at least IDLE_CLOSE_S ago and wait for a next
+        request. A new connection with no request yet stays: its request is answered."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        closed = 0
+        for conn in list(self.server_state.connections):
+            cycle = getattr(conn, "cycle", None)
+            timer = getattr(conn, "timeout_keep_alive_task", None)  # armed when a response completes
+            if cycle is None or not cycle.response_complete or timer is None:
+                continue
+            idle_since = timer.when() - conn.timeout_keep_alive
+            if now - idle_since >= IDLE_CLOSE_S:
+                conn.shutdown()
+                closed += 1
+        if closed:
+            log.info("drain_idle_closed %s", kv(connections=closed))
+        if not self.should_exit:
+            loop.call_later(0.25, self._close_idle_keepalive)
 
     def _stop(self) -> None:
         self.should_exit = True

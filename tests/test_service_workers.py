@@ -297,6 +297,28 @@ def test_reload_reaches_every_worker_and_a_restarted_one(repo, synth_spec, synth
 
 
 # ------------------------------------------------------------------------------ drain
+@pytest.mark.slow
+def test_drain_closes_idle_keepalive_connections_while_the_listener_still_accepts(repo, synth_dir, tmp_path, loaded_redis):
+    """A pooled keep-alive connection is closed by the server early in the grace, so its
+    client reconnects while the listener is open instead of racing the final close."""
+    served = start(tmp_path, repo, *loaded_redis, grace=4.0)
+    try:
+        idle = held_connections(served, 6, "POST", "/score", request_body(synth_dir, 5))
+        served.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.5)
+        for c, _, _ in idle:
+            c.sock.settimeout(5)
+            assert c.sock.recv(1) == b""  # closed by the server: FIN, no stray bytes
+        assert served.proc.poll() is None  # still in the grace
+        r = httpx.post(served.url + "/score", json=request_body(synth_dir, 5), timeout=10)
+        assert r.status_code == 200 and r.headers["connection"] == "close"
+        assert httpx.get(served.url + "/readyz", timeout=10).status_code == 503
+        assert served.proc.wait(60) == 0
+        assert "drain_idle_closed" in served.log.read_text()
+    finally:
+        served.stop()
+
+
 HEAD = b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
 
 
@@ -371,12 +393,15 @@ async def drain_run(served: Served, bodies: list[bytes], lanes: int, sigterm_aft
     async def conduct() -> None:
         await asyncio.sleep(sigterm_after)
         served.proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.15)
-        try:
-            async with httpx.AsyncClient() as c:
-                stats["ready_during_grace"] = (await c.get(served.url + "/readyz", timeout=5)).status_code
-        except httpx.TransportError as exc:
-            stats["ready_during_grace"] = repr(exc)
+        # Probe until a worker says "draining" (readiness 503) or the listener is gone; a probe
+        # whose connection is cut as the listener closes is one more unanswered fresh connection.
+        async with httpx.AsyncClient() as c:
+            while served.proc.poll() is None and stats["ready_during_grace"] != 503:
+                try:
+                    stats["ready_during_grace"] = (await c.get(served.url + "/readyz", timeout=5)).status_code
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.02)
         while served.proc.poll() is None:
             await asyncio.sleep(0.05)
         done.set()
@@ -403,7 +428,7 @@ def test_sigterm_drain_with_two_workers_loses_nothing(repo, synth_dir, tmp_path,
     bodies = [orjson.dumps(request_body(synth_dir, 20, user_index=i % 40, seed=i)) for i in range(64)]
     runs = []
     for run in range(10):
-        served = start(tmp_path, repo, *loaded_redis, grace=0.5)
+        served = start(tmp_path, repo, *loaded_redis, grace=1.0)
         stats = asyncio.run(drain_run(served, bodies, lanes=16, sigterm_after=0.6))
         code = served.proc.wait(60)
         log = served.log.read_text()
