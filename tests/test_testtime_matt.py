@@ -136,6 +136,9 @@ def test_uncertain_trigger_expands_only_uncertain_rows(log_data):
     near = np.abs(np.log(plain / (1 - plain)) - np.log(rate / (1 - rate))) < 0.3
     np.testing.assert_array_equal(plan.selected, np.flatnonzero(near))
     assert len(extra) == 3 * near.sum()
+    # Looking up confidences for the selected rows only gives those rows the same paths.
+    every, _ = _scorer(stats, paths=4).expand(rows)
+    np.testing.assert_array_equal(extra.reshape(-1, 3, 3), every[1000:].reshape(1000, 3, 3)[near])
     np.testing.assert_allclose(banded.score(rows, _model), banded.fold(plan, _model(extra)))
 
 

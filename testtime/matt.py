@@ -144,12 +144,14 @@ class MattScorer:
         c = self.config
         return self.index.field_confidence(tokens, c.kappa, c.orders, c.frequency, c.field_agg)
 
-    def select(self, tokens: np.ndarray, conf: np.ndarray, plain: np.ndarray | None) -> np.ndarray:
-        """Rows that take extra paths."""
+    def select(self, tokens: np.ndarray, conf: np.ndarray | None, plain: np.ndarray | None) -> np.ndarray:
+        """Rows that take extra paths. `conf` may be None when the confidence criterion is off."""
         n = len(tokens)
         if self.config.trigger == "all":
             return np.arange(n)
-        uncertain = conf.min(axis=1) < self.config.uncertain_min_conf
+        uncertain = np.zeros(n, dtype=bool)
+        if self.config.uncertain_min_conf > 0 and conf is not None:
+            uncertain |= conf.min(axis=1) < self.config.uncertain_min_conf
         if plain is not None and self.config.uncertain_logit_band > 0:
             rate = self.positive_rate
             center = np.log(rate / (1 - rate)) if 0 < rate < 1 else 0.0
@@ -170,9 +172,15 @@ class MattScorer:
             return (tokens if plain is None else tokens[:0]), plan
         if self.config.needs_plain_scores and plain is None:
             raise ValueError("trigger=uncertain with a logit band needs the plain scores: expand(tokens, plain)")
-        conf = self.confidence(tokens)
-        sel = self.select(tokens, conf, plain)
-        rows, conf_sel = tokens[sel], conf[sel]
+        if self.config.trigger == "uncertain" and self.config.uncertain_min_conf <= 0:
+            # The plain score alone selects: look up confidences for the selected rows only.
+            sel = self.select(tokens, None, plain)
+            rows = tokens[sel]
+            conf_sel = self.confidence(rows) if len(rows) else np.zeros(rows.shape)
+        else:
+            conf = self.confidence(tokens)
+            sel = self.select(tokens, conf, plain)
+            rows, conf_sel = tokens[sel], conf[sel]
         u = self._uniforms(rows, m - 1)  # [n, M-1, F]
         if self.config.sampling == "confidence":
             keep = (u < conf_sel[:, None, :]) | (conf_sel[:, None, :] >= self.config.keep_above)
