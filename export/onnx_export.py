@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 import warnings
@@ -403,3 +404,60 @@ def export_run(
 
 def _json_safe(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str)) if obj is not None else {}
+
+
+# ---------------------------------------------------------------------- SGCTR refinement graphs
+def export_refinement(
+    model: torch.nn.Module,
+    package_dir: str | Path,
+    configs: list[Any],
+    *,
+    opset: int | None = None,
+    optimization: Literal["basic", "none"] = "basic",
+    parity_atol: float = FP32_ATOL,
+    generator: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Export one refinement graph per SGCTR setting (`testtime.sgctr.SgctrConfig`, its R
+    included) into a published package, beside model.onnx, and record them in sgctr.json.
+
+    Each graph is tokens int64 [batch, F] -> refined probability float32 [batch], checked
+    against the torch `model.refine.Refiner` at the fp32 bound, so the package's plain graph
+    and contract are untouched and a package without these files still serves plain. Graphs
+    already in the manifest under the same settings and R are replaced; others are kept.
+    """
+    from export.package import file_sha256, verify_package
+    from model.refine import Refiner
+    from testtime.sgctr import MANIFEST_FORMAT, SGCTR_MANIFEST, read_manifest
+
+    pkg = verify_package(package_dir, smoke_run=False)
+    model = model.eval()
+    entries: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="ctr-sgctr-") as tmp:
+        for cfg in configs:
+            refiner = Refiner(model, cfg, pkg.spec.field_names).eval()
+            t0 = time.perf_counter()
+            raw = export_onnx(refiner, pkg.spec, Path(tmp) / "raw.onnx", opset=opset)
+            graph = optimize_onnx(raw, Path(tmp) / "opt.onnx", optimization)
+            parity = check_parity(refiner, graph, pkg.spec, atol=parity_atol)
+            dst = pkg.path / cfg.graph_file()
+            dst.parent.mkdir(exist_ok=True)
+            part = dst.with_name(f".{dst.name}.part")
+            part.write_bytes(graph.read_bytes())
+            os.replace(part, dst)
+            entries.append({"key": cfg.graph_key(), "passes": cfg.passes, "settings": cfg.graph_settings(),
+                            "file": cfg.graph_file(), "sha256": file_sha256(dst), "bytes": dst.stat().st_size,
+                            "runs_per_row": cfg.runs_per_row(pkg.spec.num_fields), "parity": parity.as_dict(),
+                            "export_seconds": round(time.perf_counter() - t0, 2)})
+            log.info("sgctr graph %s", kv(file=cfg.graph_file(), passes=cfg.passes, max_abs_diff=parity.max_abs_diff))
+    old = read_manifest(pkg.path) or {"graphs": []}
+    new_ids = {(e["key"], e["passes"]) for e in entries}
+    kept = [e for e in old["graphs"] if (e.get("key"), e.get("passes")) not in new_ids]
+    manifest = {"format": MANIFEST_FORMAT, "feature_spec_sha256": pkg.metadata.get("feature_spec_sha256"),
+                "onnx_sha256": pkg.metadata.get("onnx_sha256"), "exporter_version": exporter_version(),
+                "generator": generator if generator is not None else old.get("generator"),
+                "graphs": kept + entries}
+    part = pkg.path / f".{SGCTR_MANIFEST}.part"
+    part.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    os.replace(part, pkg.path / SGCTR_MANIFEST)
+    verify_package(pkg.path, smoke_run=False)
+    return manifest

@@ -47,6 +47,8 @@ TMP_PREFIX = ".tmp-"
 # Optional: combination counts for test-time paths, written by `ctr stats build --package`.
 TEST_TIME_STATS_FILE = "test_time_stats.npz"
 TEST_TIME_MANIFEST_FILE = "test_time_stats.json"
+# Optional: SGCTR refinement graphs (sgctr/*.onnx) and their manifest, from `ctr sgctr export`.
+SGCTR_MANIFEST_FILE = "sgctr.json"
 
 # ONNX TensorProto element types we name in metadata (the graph must use exactly these).
 _DTYPES = {1: "float32", 7: "int64", 10: "float16", 6: "int32", 11: "float64"}
@@ -174,6 +176,7 @@ def verify_package(path: str | Path, *, smoke_run: bool = True) -> ModelPackage:
     model = _load_onnx(onnx_path)
     _check_io(model, spec, metadata)
     _check_test_time_stats(p, metadata)
+    _check_sgctr(p, spec, metadata)
 
     pkg = ModelPackage(
         path=p,
@@ -237,6 +240,35 @@ def _check_test_time_stats(p: Path, metadata: Mapping[str, Any]) -> None:
     want = manifest.get("feature_spec_sha256")
     if want is not None and want != metadata.get("feature_spec_sha256"):
         raise PackageError(f"{TEST_TIME_STATS_FILE} was built for another feature_spec.json")
+
+
+def _check_sgctr(p: Path, spec: FeatureSpec, metadata: Mapping[str, Any]) -> None:
+    """The optional SGCTR refinement graphs (docs/sgctr.md): absent is fine (the package serves
+    plain); present, the manifest must name this package's model and spec, and every graph it
+    lists must match its sha256 and have the plain graph's contract (tokens -> probability)."""
+    manifest_path = p / SGCTR_MANIFEST_FILE
+    if not manifest_path.exists():
+        if (p / "sgctr").is_dir() and any((p / "sgctr").glob("*.onnx")):
+            raise PackageError(f"sgctr/ holds refinement graphs but {SGCTR_MANIFEST_FILE} is missing")
+        return
+    manifest = _read_metadata(manifest_path)
+    graphs = manifest.get("graphs")
+    if not isinstance(graphs, list):
+        raise PackageError(f"{SGCTR_MANIFEST_FILE}: 'graphs' must be a list")
+    for key in ("feature_spec_sha256", "onnx_sha256"):
+        if manifest.get(key) is not None and manifest.get(key) != metadata.get(key):
+            raise PackageError(f"{SGCTR_MANIFEST_FILE} was exported for another model ({key} differs)")
+    for entry in graphs:
+        rel = str(entry.get("file", "")) if isinstance(entry, Mapping) else ""
+        path = (p / rel).resolve()
+        if not rel.startswith("sgctr/") or p.resolve() not in path.parents or not path.is_file():
+            raise PackageError(f"{SGCTR_MANIFEST_FILE} lists a refinement graph that is not in sgctr/: {rel!r}")
+        if entry.get("bytes") != path.stat().st_size or entry.get("sha256") != file_sha256(path):
+            raise PackageError(f"{rel} does not match the sha256 in {SGCTR_MANIFEST_FILE}: damaged or replaced")
+        try:
+            _check_io(_load_onnx(path), spec, metadata)
+        except PackageError as exc:
+            raise PackageError(f"{rel}: {exc}") from exc
 
 
 def _load_onnx(path: Path) -> Any:

@@ -123,14 +123,22 @@ class DGenCTR(nn.Module):
         `mask` [B, F+1] marks the [MASK]ed elements (stage 1). Without a mask only the label is
         masked (stage 2 and scoring), and `labels` is not needed.
         """
-        b = tokens.shape[0]
-        x_fields = self.proj(self.embedding(tokens))
+        return self.encode(self.embedding(tokens), labels, mask)
+
+    def encode(self, values: torch.Tensor, labels: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`hidden` from field value embeddings [B, F, embedding_dim] instead of tokens.
+
+        SGCTR's refinement (`model.refine`) feeds re-defined embeddings, which are no table
+        row, through the same denoiser; `hidden` is this with the table's rows.
+        """
+        b = values.shape[0]
+        x_fields = self.proj(values)
         if mask is None:
             x = torch.cat([x_fields, self.mask_embedding[-1].expand(b, 1, -1)], dim=1)
             masked_frac = torch.full((b, 1), 1.0 / (self.num_fields + 1), dtype=x.dtype, device=x.device)
         else:
             if labels is None:
-                labels = torch.zeros_like(tokens[:, 0])
+                labels = torch.zeros(b, dtype=torch.long, device=values.device)
             x = torch.cat([x_fields, self.label_embedding(labels.long()).unsqueeze(1)], dim=1)
             x = torch.where(mask.unsqueeze(-1), self.mask_embedding.unsqueeze(0).expand_as(x), x)
             masked_frac = mask.to(x.dtype).mean(dim=1, keepdim=True)

@@ -5,6 +5,8 @@
     ctr stats build --spec SPEC.json --data FILE --out SHARD.npz   # one shard
     ctr stats merge SHARD1.npz SHARD2.npz ... --out FILE.npz [--package P]
     ctr evaluate --package MODELS/NAME/VERSION --data DIR [--split test] [--test-time matt --set paths=8 ...]
+    ctr evaluate ... --test-time sgctr --set passes=2 [--noise 0.1 --noise-seed 0]
+    ctr sgctr export --run RUN_DIR --package MODELS/NAME/VERSION [--passes 1,2,3] [--set selection=random ...]
 """
 
 from __future__ import annotations
@@ -48,12 +50,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--package", required=True, help="model package folder MODELS/NAME/VERSION")
     ev.add_argument("--data", required=True, help="data directory (or one file)")
     ev.add_argument("--split", default="test", help="split to score (default test; choose settings on valid)")
-    ev.add_argument("--test-time", choices=["none", "matt"], default="none", help="test-time method (default none)")
-    ev.add_argument("--set", action="append", metavar="KEY=VALUE", help="a TestTimeConfig setting, e.g. paths=8 (repeatable)")
+    ev.add_argument("--test-time", choices=["none", "matt", "sgctr"], default="none", help="test-time method (default none)")
+    ev.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="a TestTimeConfig (matt) or SgctrConfig (sgctr) setting, e.g. paths=8 or passes=2 (repeatable)")
+    ev.add_argument("--noise", type=float, default=0.0,
+                    help="noise stress test: replace this share of fields at random before scoring (e.g. 0.1)")
+    ev.add_argument("--noise-seed", type=int, default=0, help="seed of the replaced fields (default 0)")
     ev.add_argument("--max-rows", type=int, help="score only the first N rows")
     ev.add_argument("--chunk-rows", type=int, default=4096, help="rows expanded and scored per call (default 4096)")
     ev.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     ev.set_defaults(handler=_evaluate)
+
+    sg = sub.add_parser("sgctr", help="SGCTR refinement graphs of a DGenCTR package (docs/sgctr.md)")
+    sg_sub = sg.add_subparsers(dest="sgctr_command", metavar="ACTION")
+    sg_sub.required = True
+    sgx = sg_sub.add_parser("export", help="export refinement graphs (one per R) from the run into its package")
+    sgx.add_argument("--run", required=True, help="the training run the package was exported from")
+    sgx.add_argument("--package", required=True, help="model package folder MODELS/NAME/VERSION")
+    sgx.add_argument("--passes", default="1,2,3", help="R values, one graph each (default 1,2,3)")
+    sgx.add_argument("--set", action="append", metavar="KEY=VALUE", help="an SgctrConfig setting, e.g. selection=random")
+    sgx.add_argument("--data", help="data directory: the generator's fit is measured on its valid split (default: the run's)")
+    sgx.add_argument("--generator-rows", type=int, default=4096, help="valid rows for the generator report (0: skip)")
+    sgx.set_defaults(handler=_sgctr_export)
 
 
 def _fields(arg: str | None) -> list[str] | None:
@@ -144,9 +162,47 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     sets = parse_sets(args.set)
     if sets and args.test_time == "none":
-        raise ValueError("--set needs --test-time matt")
-    cfg = TestTimeConfig(method=args.test_time, **sets)
+        raise ValueError("--set needs --test-time matt or sgctr")
+    if args.test_time == "sgctr":
+        from testtime.sgctr import SgctrConfig
+
+        cfg: Any = SgctrConfig(**sets)
+    else:
+        cfg = TestTimeConfig(method=args.test_time, **sets)
     result = evaluate_package(args.package, args.data, args.split, cfg, max_rows=args.max_rows,
-                              chunk_rows=args.chunk_rows, threads=args.threads)
+                              chunk_rows=args.chunk_rows, threads=args.threads,
+                              noise=args.noise, noise_seed=args.noise_seed)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _sgctr_export(args: argparse.Namespace) -> int:
+    from export.onnx_export import export_refinement
+    from model.run_io import load_run
+    from testtime.evaluate import parse_sets
+    from testtime.sgctr import SgctrConfig
+
+    sets = parse_sets(args.set)
+    run = load_run(args.run)
+    sets.setdefault("tau", float(((run.config.get("train") or {}).get("pretrain") or {}).get("tau", 0.1)))
+    configs = [SgctrConfig(**{**sets, "passes": int(r)}) for r in str(args.passes).split(",") if r.strip()]
+    generator = None
+    data = args.data or _run_data(args.run)
+    if args.generator_rows and data:
+        generator = _generator_report(run, data, args.generator_rows)
+    manifest = export_refinement(run.model, args.package, configs, generator=generator)
+    print(json.dumps({"package": args.package, "generator": generator,
+                      "graphs": [{k: e[k] for k in ("file", "passes", "runs_per_row", "bytes")} | {"max_abs_diff": e["parity"]["max_abs_diff"]}
+                                 for e in manifest["graphs"]]}, indent=2))
+    return 0
+
+
+def _generator_report(run: Any, data: str, rows: int) -> dict[str, Any]:
+    import torch
+
+    from model.readers import read_table, split_path
+    from model.refine import generator_report
+
+    table = read_table(split_path(Path(data), "valid") if Path(data).is_dir() else Path(data)).iloc[:rows]
+    tokens = torch.from_numpy(run.spec.encode(table, strict=False))
+    return generator_report(run.model, tokens, run.spec.field_names)

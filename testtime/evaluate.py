@@ -1,4 +1,4 @@
-"""`ctr evaluate`: score a data split with a model package through onnxruntime, plain or MATT.
+"""`ctr evaluate`: score a data split with a model package through onnxruntime, plain, MATT or SGCTR.
 
 Torch-free: the package is read by `export.offline_scorer.OfflineScorer` (the one raw-rows
 scorer the service's parity test also uses) and the paths come from `testtime.matt`, the code
@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from testtime.matt import MattScorer, TestTimeConfig, load_matt
+from testtime.sgctr import SgctrConfig, SgctrScorer, load_sgctr
 
 
 def parse_sets(pairs: list[str] | None) -> dict[str, Any]:
@@ -35,11 +36,13 @@ def evaluate_package(
     package: str | Path,
     data: str | Path,
     split: str = "test",
-    test_time: TestTimeConfig | None = None,
+    test_time: TestTimeConfig | SgctrConfig | None = None,
     *,
     max_rows: int | None = None,
     chunk_rows: int = 4096,
     threads: int | None = None,
+    noise: float = 0.0,
+    noise_seed: int = 0,
 ) -> dict[str, Any]:
     from export.offline_scorer import OfflineScorer
     from model.metrics import evaluate
@@ -57,9 +60,19 @@ def evaluate_package(
     labels = table[spec.label].to_numpy().astype(np.int64)
     groups = table[spec.group].astype(str).to_numpy() if spec.group and spec.group in table.columns else None
     tokens = scorer.encode(table)
+    noise_report = None
+    if noise > 0:  # the noise stress test (testtime/noise.py): same rows, a share of fields replaced
+        from testtime.noise import corrupt_tokens
+
+        tokens, _, noise_report = corrupt_tokens(tokens, noise, noise_seed, vocab_sizes=spec.vocab_sizes)
 
     cfg = test_time or TestTimeConfig(method="none")
-    matt: MattScorer | None = load_matt(scorer.package.path, cfg, scorer.package.metadata, spec) if cfg.active else None
+    matt: MattScorer | None = None
+    sgctr: SgctrScorer | None = None
+    if isinstance(cfg, SgctrConfig):
+        sgctr = load_sgctr(scorer.package.path, cfg, threads=threads) if cfg.active else None
+    elif cfg.active:
+        matt = load_matt(scorer.package.path, cfg, scorer.package.metadata, spec)
     probs = np.empty(len(tokens), dtype=np.float32)
     model_rows = 0
 
@@ -71,7 +84,11 @@ def evaluate_package(
     start = time.perf_counter()
     for lo in range(0, len(tokens), chunk_rows):
         chunk = tokens[lo : lo + chunk_rows]
-        probs[lo : lo + len(chunk)] = matt.score(chunk, score_fn) if matt is not None else score_fn(chunk)
+        if sgctr is not None:
+            model_rows += len(chunk) * sgctr.runs_per_row
+            probs[lo : lo + len(chunk)] = sgctr.score(chunk)
+        else:
+            probs[lo : lo + len(chunk)] = matt.score(chunk, score_fn) if matt is not None else score_fn(chunk)
     seconds = time.perf_counter() - start
     metrics = evaluate(labels, probs, groups, with_gauc=groups is not None)
     out: dict[str, Any] = {
@@ -89,6 +106,7 @@ def evaluate_package(
         "model_rows_per_row": model_rows / len(tokens) if len(tokens) else None,
         "share_with_extra_paths": matt.counters.as_dict()["share_with_paths"] if matt is not None else 0.0,
         "test_time": cfg.model_dump() if cfg.active else {"method": "none"},
+        "noise": noise_report.as_dict() if noise_report is not None else None,
     }
     if matt is not None:
         out["replacement_token"] = matt.replacement
