@@ -260,7 +260,8 @@ def test_a_busy_loop_does_not_degrade_a_healthy_redis(private_redis, synth_dir, 
         store.use_fields(FieldPlan.for_spec(synth_spec))
 
         async def fetch(k, r):
-            return (await store.fetch(users[(k * 31 + r) % len(users)], ids)).degraded
+            f = await store.fetch(users[(k * 31 + r) % len(users)], ids)
+            return f.reason if f.degraded else None
 
         out = await _saturated(fetch)
         # The same load with a plain timeout around the same pipeline: what the store used to do.
@@ -284,7 +285,8 @@ def test_a_busy_loop_does_not_degrade_a_healthy_redis(private_redis, synth_dir, 
     (degraded, lag), (naive_degraded, naive_lag) = asyncio.run(run())
     assert lag > 0.05 and naive_lag > 0.05  # the loop really was slower than the timeout
     assert sum(naive_degraded) > 0.1 * len(naive_degraded)  # so a plain timeout fires on a healthy Redis
-    assert sum(degraded) <= 0.001 * len(degraded), f"{sum(degraded)} of {len(degraded)} degraded"
+    failed = [r for r in degraded if r]
+    assert len(failed) <= 0.001 * len(degraded), f"{len(failed)} of {len(degraded)} degraded: {failed}"
 
 
 def test_a_frozen_redis_still_degrades_and_recovers(private_redis, synth_dir, synth_spec):
@@ -297,9 +299,7 @@ def test_a_frozen_redis_still_degrades_and_recovers(private_redis, synth_dir, sy
         assert not (await store.fetch("u1", ids)).degraded
         private_redis.proc.send_signal(signal.SIGSTOP)
         try:
-            t0 = time.perf_counter()
             frozen = await store.fetch("u1", ids)
-            idle_s = time.perf_counter() - t0
             # Under loop pressure too: the deadline waits out the lag, then fails.
             busy, _ = await _saturated(lambda k, r: store.fetch("u1", ids), workers=8, rounds=3)
         finally:
@@ -308,10 +308,40 @@ def test_a_frozen_redis_still_degrades_and_recovers(private_redis, synth_dir, sy
         while (back := await store.fetch("u1", ids)).degraded and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         await store.close()
-        return frozen, idle_s, busy, back
+        return frozen, busy, back
 
-    frozen, idle_s, busy, back = asyncio.run(run())
+    frozen, busy, back = asyncio.run(run())
     assert frozen.degraded and frozen.reason == "TimeoutError" and frozen.store_failed
-    assert 0.05 <= idle_s < 0.3
     assert all(f.degraded and f.reason == "TimeoutError" for f in busy)
     assert not back.degraded
+
+
+def test_a_flushed_store_is_unready_and_its_answers_degraded(private_redis, synth_dir, synth_spec, tmp_path):
+    """End to end (real uvicorn, onnxruntime, Redis): FLUSHDB under a running service makes
+    /readyz 503 at once and the answers degraded (reason missing_features), still 200; a
+    reload of the tables brings both back."""
+    import httpx
+
+    from service.app import create_app
+    from tests.service_support import config, metric_value, request_body
+    from tests.testing import ServerThread, tiny_package
+
+    tiny_package(tmp_path / "models", "synth", 1, synth_spec)
+    _load(private_redis.url, synth_dir)
+    cfg = config(tmp_path / "models", features={"redis_url": private_redis.url, "prefix": "t", "timeout_s": 1.0, "cache_ttl_s": 0.2})
+    body = request_body(synth_dir, n_items=20, seed=5)
+    with ServerThread(create_app(cfg)) as srv:
+        assert httpx.get(srv.url + "/readyz").status_code == 200
+        r = httpx.post(srv.url + "/score", json=body)
+        assert r.status_code == 200 and r.json()["degraded"] is False
+        redis.Redis.from_url(private_redis.url).flushdb()
+        time.sleep(1.1)  # the manifest check reads Redis at most once a second; the item rows' TTL passes too
+        ready = httpx.get(srv.url + "/readyz")
+        assert ready.status_code == 503 and ready.json()["features"] is False
+        r = httpx.post(srv.url + "/score", json=body)
+        assert r.status_code == 200 and r.json()["degraded"] is True
+        assert metric_value(httpx.get(srv.url + "/metrics").text, "ctr_degraded_total", reason="missing_features") >= 1
+        _load(private_redis.url, synth_dir)
+        time.sleep(1.1)
+        assert httpx.get(srv.url + "/readyz").status_code == 200
+        assert httpx.post(srv.url + "/score", json=body).json()["degraded"] is False
