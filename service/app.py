@@ -81,7 +81,7 @@ def build_service(cfg: ServiceConfig, store: FeatureStore | None = None) -> Serv
         executor=executor,
     )
     svc.checks["store"] = store.ping
-    svc.checks["features"] = feature_data_check(store)  # the data `ctr features load` wrote is all there
+    svc.checks["features"] = feature_data_check(store, metrics)  # the data `ctr features load` wrote is all there
     svc.registry.on_build = lambda model: store.use_fields(model.encoder.plan)  # Redis reads only served fields
     return svc
 

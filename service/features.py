@@ -374,14 +374,19 @@ def build_store(cfg: "Any") -> FeatureStore:
     return InMemoryFeatureStore.from_tables(cfg.users_table, cfg.items_table, share)
 
 
-def feature_data_check(store: FeatureStore) -> Callable[[], Awaitable[bool]]:
+def feature_data_check(store: FeatureStore, metrics: Any = None) -> Callable[[], Awaitable[bool]]:
     """A readiness check (`Service.checks["features"]`): the feature data the manifest names is
-    all there. The details (`store.check()`'s FeatureCheck: per-entity rows, fields, fingerprint,
-    load time) are what a /readyz body or a `ctr_feature_manifest_ok` gauge can show; the check
-    reads Redis at most once a second however often it is probed."""
+    all there. Each run also sets `ctr_feature_manifest_ok` and `ctr_feature_rows{entity}` when
+    `metrics` is given; `store.check()`'s FeatureCheck has the details (per-entity rows, fields,
+    fingerprint, load time). It reads Redis at most once a second however often it is probed."""
 
     async def features() -> bool:
-        return (await store.check()).ok
+        check = await store.check()
+        if metrics is not None:
+            metrics.feature_manifest_ok.set(1 if check.ok else 0)
+            for entity, e in check.entities.items():
+                metrics.feature_rows.labels(entity).set(e.rows)
+        return check.ok
 
     return features
 

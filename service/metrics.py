@@ -65,6 +65,13 @@ class Metrics:
         self.feature_missing = Counter(
             "ctr_feature_missing_total", "entities or fields served with the OOV/default token", ["entity"], registry=r
         )
+        # The feature manifest check (service/manifest.py), updated whenever readiness runs it.
+        self.feature_manifest_ok = Gauge(
+            "ctr_feature_manifest_ok", "1 while the feature data the manifest names is all there", registry=r, multiprocess_mode="livemin"
+        )
+        self.feature_rows = Gauge(
+            "ctr_feature_rows", "rows the feature manifest names, by entity", ["entity"], registry=r, multiprocess_mode="livemax"
+        )
         self.cache_hits = Counter("ctr_cache_hits_total", "item rows served from the in-process cache", registry=r)
         self.cache_misses = Counter("ctr_cache_misses_total", "item rows fetched from the store", registry=r)
         self.inflight_rows = Gauge(

@@ -332,12 +332,15 @@ def test_a_flushed_store_is_unready_and_its_answers_degraded(private_redis, synt
     body = request_body(synth_dir, n_items=20, seed=5)
     with ServerThread(create_app(cfg)) as srv:
         assert httpx.get(srv.url + "/readyz").status_code == 200
+        m = httpx.get(srv.url + "/metrics").text
+        assert metric_value(m, "ctr_feature_manifest_ok") == 1 and metric_value(m, "ctr_feature_rows", entity="item") == 400
         r = httpx.post(srv.url + "/score", json=body)
         assert r.status_code == 200 and r.json()["degraded"] is False
         redis.Redis.from_url(private_redis.url).flushdb()
         time.sleep(1.1)  # the manifest check reads Redis at most once a second; the item rows' TTL passes too
         ready = httpx.get(srv.url + "/readyz")
         assert ready.status_code == 503 and ready.json()["features"] is False
+        assert metric_value(httpx.get(srv.url + "/metrics").text, "ctr_feature_manifest_ok") == 0
         r = httpx.post(srv.url + "/score", json=body)
         assert r.status_code == 200 and r.json()["degraded"] is True
         assert metric_value(httpx.get(srv.url + "/metrics").text, "ctr_degraded_total", reason="missing_features") >= 1
