@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 
 from service.ab import Assigner
