@@ -580,7 +580,7 @@ def bench_package(pkg: Package, wl: Workload, servers: list[str], scenarios: lis
                     else:
                         row.update(measure(server, sc, *files[sc.items], lua, args.duration, args.warmup, args.loadgen))
                         row["model_cpu_ms_per_req"] = model_ms[sc.items]
-                        row["outside_model_cpu_ms_per_req"] = row["server_cpu_ms_per_req"] - model_ms[sc.items]
+                        row["outside_model_cpu_ms_per_req"] = outside_model(row)
                         print(f"  {sc.items:3d} items x {sc.conns:2d} conns: {row['rows_per_s']:>9,.0f} rows/s  p50 {row['p50_ms']:6.1f} ms"
                               f"  p99 {row['p99_ms']:6.1f} ms  non-2xx {row['non_2xx']}  errors {row['errors']}"
                               f"  server CPU {row['server_cpu_ms_per_req']:.2f} ms/req ({row['server_processes']} processes)"
@@ -595,6 +595,13 @@ def bench_package(pkg: Package, wl: Workload, servers: list[str], scenarios: lis
                 if server is not None:
                     stop(server)
     return results
+
+
+def outside_model(row: dict) -> float:
+    """Server CPU per request less the model's share, which only answered requests paid (a
+    request refused with 503 never reached Session.run)."""
+    n = max(1, row["requests"])
+    return (row["server_cpu_ms_per_req"] * n - row["ok"] * row["model_cpu_ms_per_req"]) / n
 
 
 def add_ratios(results: list[dict]) -> None:
@@ -636,6 +643,23 @@ def summary_markdown(results: list[dict]) -> str:
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
+def tables(results: list[dict]) -> str:
+    add_ratios(results)
+    summary = summary_markdown(results)
+    return markdown(results) + ("\n" + summary if summary else "")
+
+
+def render(path: Path) -> int:
+    data = json.loads(path.read_text())
+    for r in data["results"]:
+        if "rows_per_s" in r:
+            r["outside_model_cpu_ms_per_req"] = outside_model(r)
+    text = tables(data["results"])
+    path.with_suffix(".md").write_text(text)
+    print(text + f"\n{data['meta']['command']}: {len(data['results'])} runs in {data['meta']['seconds'] / 60:.1f} min")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help=f"one model, {QUICK_SCENARIOS} (items x connections), 2 s runs: a smoke test")
@@ -655,8 +679,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-cpus", help="pin every server (and this script) to these CPUs, e.g. 0-5 (default: unpinned)")
     ap.add_argument("--loadgen-cpus", help="pin wrk to these CPUs, e.g. 6-7 (default: unpinned)")
     ap.add_argument("--loadgen", choices=["auto", "wrk", "asyncio"], default="auto", help="auto: wrk where installed, else asyncio")
+    ap.add_argument("--render", metavar="JSON", help="only print (and write next to it) the tables of an earlier run's JSON")
     ap.add_argument("--out", default="peers.json", help="JSON results (the markdown table goes next to it as .md)")
     args = ap.parse_args(argv)
+    if args.render:
+        return render(Path(args.render))
     args.duration = args.duration or (2.0 if args.quick else 5.0)
     args.warmup = 1.0 if args.warmup is None else args.warmup
     scenarios = Scenario.parse(args.scenarios or (QUICK_SCENARIOS if args.quick else FULL_SCENARIOS))
@@ -709,12 +736,8 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(0, len(keys), 5000):
                 client.delete(*keys[i : i + 5000])
             client.close()
-    add_ratios(results)
     elapsed = time.perf_counter() - t_start
-    table = markdown(results)
-    summary = summary_markdown(results)
-    if summary:
-        table += "\n" + summary
+    table = tables(results)
     print("\n" + table + f"\n{len(results)} runs in {elapsed / 60:.1f} min", flush=True)
     out = Path(args.out)
     meta = {"command": " ".join(["python", "benchmarks/peers.py", *(argv if argv is not None else sys.argv[1:])]), "cpus": os.cpu_count(),

@@ -101,7 +101,7 @@ def test_quick_heavy_peer(tmp_path, trained_package, synth_dir, redis_url, peer)
 
 def test_scenarios_and_ratios():
     sys.path.insert(0, str(REPO))
-    from benchmarks.peers import Scenario, add_ratios, markdown
+    from benchmarks.peers import Scenario, add_ratios, markdown, outside_model
 
     assert [(s.items, s.conns) for s in Scenario.parse("10x16, 500x32")] == [(10, 16), (500, 32)]
     base = {"model": "m", "items": 10, "conns": 16, "p50_ms": 1.0, "p99_ms": 2.0, "non_2xx": 0, "errors": 0, "server_cpu_ms_per_req": 1.0,
@@ -112,3 +112,5 @@ def test_scenarios_and_ratios():
     assert "ctr_serve_ratio" not in rows[0] and rows[1]["ctr_serve_ratio"] == pytest.approx(1.5)
     table = markdown(rows)
     assert "| 1.50 |" in table and "| 1.00 (0.75) |" in table and "failed: x" in table
+    # Only answered requests ran the model: 100 requests, 40 refused, 2 ms CPU each on average.
+    assert outside_model({"requests": 100, "ok": 60, "server_cpu_ms_per_req": 2.0, "model_cpu_ms_per_req": 1.5}) == pytest.approx((200 - 90) / 100)
