@@ -351,7 +351,7 @@ def search_model(model: str, args: argparse.Namespace, trial_data: Path, log: Ca
         res = run_child(argv, budget_s - spent, on_report)
         trial.set_user_attr("cpu_s", res.cpu_s)
         trial.set_user_attr("overrides", {k: v for k, v in overrides.items()})
-        trial.set_user_attr("recipe", str(recipe_path.relative_to(REPO) if recipe_path.is_relative_to(REPO) else recipe_path))
+        trial.set_user_attr("recipe", _shown(recipe_path))
         if res.stopped == "pruned":
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             outcome = f"pruned at epoch {res.reports[-1][0]}"
@@ -398,6 +398,12 @@ def summarise_model(study, model: str, recipe_path: Path, fixed_caps: Mapping[st
     return out
 
 
+def _shown(path: Path) -> str:
+    """A path as the docs write it: relative to the repository when inside it."""
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def write_chosen(path: Path, recipe_path: Path, args: argparse.Namespace, overrides: Mapping[str, Any], best,
                  summary: Mapping[str, Any]) -> None:
     raw = trial_recipe(recipe_path, args.dataset, overrides)
@@ -405,9 +411,9 @@ def write_chosen(path: Path, recipe_path: Path, args: argparse.Namespace, overri
         f"# {summary['model']} on {args.dataset}: chosen by benchmarks/search.py on the validation split only.",
         f"#   Optuna TPE, seed {args.seed}, budget {summary['budget_cpu_s'] / 60:g} CPU-minutes "
         f"({summary['spent_cpu_s'] / 60:.1f} spent), trials {summary['trials']}.",
-        f"#   Best trial {best.number}: valid AUC {best.value:.5f}. Base recipe {recipe_path.relative_to(REPO) if recipe_path.is_relative_to(REPO) else recipe_path};",
+        f"#   Best trial {best.number}: valid AUC {best.value:.5f}. Base recipe {_shown(recipe_path)};",
         "#   overrides: " + ", ".join(f"{k}={yaml_scalar(v)}" for k, v in overrides.items()),
-        f"#   ctr train --config {path} --data DIR --seed S --out RUN",
+        f"#   ctr train --config {_shown(path)} --data DIR --seed S --out RUN",
     ]
     path.write_text("\n".join(header) + "\n" + yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
 
