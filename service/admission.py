@@ -21,11 +21,10 @@ A request is refused when
   tenth of each scored request's rows (additive increase, multiplicative decrease, as TCP
   does), so the limit settles where admitted requests meet their deadline even when the
   event loop, not the model, is what is slow;
-* the wait it would see, admitted rows ahead of it divided by the measured completion rate
-  (rows/s, averaged over windows that kept two or more requests in flight, i.e. at
-  capacity), passes `max_wait_s` (default: half the
-  batcher's queue deadline), so an admitted request finishes within its deadline instead
-  of timing out in the queue.
+* the wait it would see, the admitted rows ahead of it divided by the measured completion
+  rate (rows/s, averaged over windows that kept two or more requests in flight, i.e. at
+  capacity), passes `max_wait_s` (default: the batcher's queue deadline), so what is admitted
+  can finish instead of timing out in the queue after its work was spent.
 
 Once parsed, a request's estimate is replaced by its real row count. The limits are per
 process: each worker has its own event loop, batcher and admission.
@@ -84,7 +83,7 @@ class Admission:
         if self.inflight_requests >= MIN_INFLIGHT:
             if ahead > self.row_limit:
                 raise Overloaded("inflight_rows")
-            if self.rate and ahead / self.rate > self.max_wait_s:
+            if self.rate and self.inflight_rows / self.rate > self.max_wait_s:
                 raise Overloaded("queue_wait")
         self._tick(self.clock())
         self.inflight_requests += 1

@@ -75,7 +75,7 @@ def build_service(cfg: ServiceConfig, store: FeatureStore | None = None) -> Serv
         admission=Admission(
             max_inflight_requests=limits.max_inflight_requests,
             max_inflight_rows=limits.max_inflight_rows or cfg.batcher.max_queue_rows,
-            max_wait_s=(limits.max_wait_ms or cfg.batcher.timeout_ms / 2) / 1000.0,
+            max_wait_s=(limits.max_wait_ms or cfg.batcher.timeout_ms) / 1000.0,
             max_items=limits.max_items,
         ),
         executor=executor,

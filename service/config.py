@@ -113,7 +113,7 @@ class LimitsConfig(_Strict):
     # A body still arriving after this long is answered 408 and its connection closed.
     body_timeout_s: float = Field(5.0, gt=0)
     # Admission control (service/admission.py), checked before a body is read: requests and
-    # rows in flight, and the expected queue wait (None: the batcher's bound and half its deadline).
+    # rows in flight, and the expected queue wait (None: the batcher's bound and its deadline).
     max_inflight_requests: int = Field(256, ge=1)
     max_inflight_rows: int | None = Field(None, ge=1)
     max_wait_ms: float | None = Field(None, gt=0)

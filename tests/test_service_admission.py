@@ -95,12 +95,13 @@ def test_queue_wait_uses_the_rate_measured_at_capacity_only():
         t.close()
         tickets.append(adm.admit(1000))
     assert adm.rate == pytest.approx(1600)
-    # 0.5 s at that rate is 800 rows: four more 100-row requests fit, a fifth would wait longer.
-    tickets += [adm.admit(1000) for _ in range(4)]
+    # 0.5 s at that rate is 800 rows ahead: five more 100-row requests find at most 800 rows
+    # ahead of them, a sixth would wait longer.
+    tickets += [adm.admit(1000) for _ in range(5)]
+    assert adm.wait_estimate_s() == pytest.approx(900 / 1600)
     with pytest.raises(Overloaded) as err:
         adm.admit(1000)
     assert err.value.reason == "queue_wait"
-    assert adm.wait_estimate_s() == pytest.approx(0.5)
     for t in tickets:
         t.close()
 

@@ -60,7 +60,9 @@ def test_redis_down_then_up_degrades_and_recovers(repo, synth_dir, synth_spec, p
             time.sleep(0.1)
         assert r.json()["degraded"] is False
         np.testing.assert_allclose(r.json()["scores"], expected, atol=1e-6)
-        assert httpx.get(srv.url + "/readyz").status_code == 200
+        while httpx.get(srv.url + "/readyz").status_code != 200:  # the readiness checks run at most once a second
+            assert time.monotonic() < deadline + 5
+            time.sleep(0.2)
         assert metric_value(httpx.get(srv.url + "/metrics").text, "ctr_degraded_total") >= 1
 
 
