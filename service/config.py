@@ -27,6 +27,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from testtime.matt import TestTimeConfig
+
 ADMIN_TOKEN_ENV = "CTR_ADMIN_TOKEN"
 ENV_PREFIX = "CTR_"
 CONFIG_ENV = "CTR_CONFIG"
@@ -52,6 +54,10 @@ class VariantConfig(_Strict):
     model: str
     version: int | Literal["latest"] = "latest"
     weight: float = Field(1.0, ge=0)
+    # Test-time paths (docs/test-time.md): `{method: matt, paths: 4, trigger: uncertain}`.
+    # None scores plain. Two variants of one model version, one with and one without, make
+    # an A/B test of MATT itself.
+    test_time: TestTimeConfig | None = None
 
 
 class BatcherConfig(_Strict):
@@ -260,18 +266,33 @@ def _check_environment() -> None:
                 )
 
 
+def _model_at(path: list[str]) -> type[BaseModel]:
+    """The settings model a key path leads to (list indices skipped): `variants.0.test_time`
+    is TestTimeConfig, so an unknown key there lists that section's keys."""
+    model: type[BaseModel] = ServiceConfig
+    for key in path:
+        if key.isdigit():
+            continue
+        f = model.model_fields.get(key)
+        if f is None:
+            break
+        inner = [u for t in (f.annotation, *getattr(f.annotation, "__args__", ()))
+                 for u in (t, *getattr(t, "__args__", ())) if isinstance(u, type) and issubclass(u, BaseModel)]
+        if not inner:
+            break
+        model = inner[0]
+    return model
+
+
 def describe_errors(exc: ValidationError, path: Path | None = None) -> str:
     """One line: every bad key with its problem; unknown keys list the valid ones."""
-    sections = _sections()
     parts = []
     for e in exc.errors(include_url=False, include_input=False):
         loc = [str(x) for x in e["loc"]]
         where = ".".join(loc) or "settings"
         if e["type"] == "extra_forbidden":
-            parent_model: type[BaseModel] = ServiceConfig
             parent = loc[:-1]
-            if parent and parent[0] in sections:
-                parent_model = sections[parent[0]]
+            parent_model = _model_at(parent)
             scope = f"under '{'.'.join(parent)}'" if parent else "at the top level"
             parts.append(f"unknown key '{where}' (valid keys {scope}: {', '.join(parent_model.model_fields)})")
         else:

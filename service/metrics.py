@@ -85,6 +85,18 @@ class Metrics:
             "ctr_gc_pause_seconds", "CPython garbage-collection pauses by generation (they stall every request in flight)",
             ["generation"], buckets=_LAT, registry=r,
         )
+        # Test-time paths (service/test_time.py): rows scored by a variant with test_time set,
+        # those that took extra paths, and the extra model rows they cost. Share of rows with
+        # paths = rows_with_paths / rows; model work per row = 1 + extra_rows / rows.
+        self.test_time_rows = Counter(
+            "ctr_test_time_rows_total", "rows scored by a variant with test-time paths", ["variant", "method"], registry=r
+        )
+        self.test_time_rows_with_paths = Counter(
+            "ctr_test_time_rows_with_paths_total", "rows that took extra test-time paths", ["variant", "method"], registry=r
+        )
+        self.test_time_extra_rows = Counter(
+            "ctr_test_time_extra_rows_total", "extra model rows scored for test-time paths", ["variant", "method"], registry=r
+        )
         self.model_info = _InfoGauge(
             "ctr_model_info", "the model version serving each variant", ["name", "version", "variant", "provider"], registry=r,
             multiprocess_mode="livemax",

@@ -35,6 +35,7 @@ from service.metrics import Metrics
 from service.package import Package, PackageRefused, latest_version, list_versions, load_package
 from service.providers import choose_providers
 from service.scorer import Scorer
+from service.test_time import TestTimePath, TestTimeRefused, build_test_time
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ def load_failures_counter(metrics: Metrics) -> Counter:
 
 def failure_reason(exc: BaseException) -> str:
     """A small fixed label set, so the metric's cardinality stays bounded."""
+    if isinstance(exc, TestTimeRefused) or isinstance(exc.__cause__, TestTimeRefused):
+        return "test_time"  # the variant's test-time setting, not the package (plain still serves it)
     if isinstance(exc, FileNotFoundError):
         return "missing_file"
     text = str(exc).lower()
@@ -98,6 +101,7 @@ class LoadedModel:
     encoder: RequestEncoder  # this version's own (its item token cache dies with it)
     scorer: Scorer
     batcher: Batcher
+    test_time: TestTimePath | None = None  # this variant's MATT paths (service/test_time.py)
 
     @property
     def name(self) -> str:
@@ -115,14 +119,16 @@ class Registry:
     executor: Executor
     models: dict[str, LoadedModel] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _failed: set[tuple[str, int]] = field(default_factory=set)
+    # (variant, model, version): a version one variant refused (a MATT variant on a package
+    # without statistics) can still serve another variant.
+    _failed: set[tuple[str, str, int]] = field(default_factory=set)
     _retiring: set[asyncio.Task] = field(default_factory=set)
     on_swap: Callable[[], None] | None = None  # runs after a new version is swapped in
     on_build: Callable[[LoadedModel], None] | None = None  # runs on a new version before it is swapped in
     # Versions chosen at construction, and their opened packages and sessions, which the first
     # load reuses instead of opening them twice.
     _chosen: dict[str, int] = field(default_factory=dict)
-    _opened: dict[tuple[str, str, int], tuple[Package, Scorer]] = field(default_factory=dict)
+    _opened: dict[tuple[str, str, int], tuple[Package, Scorer, TestTimePath | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.load_failures = load_failures_counter(self.metrics)
@@ -155,8 +161,30 @@ class Registry:
             return [int(vc.version)]
         return sorted(list_versions(self.cfg.repo, vc.model), reverse=True)
 
-    def _open(self, vc: VariantConfig, version: int) -> tuple[Package, Scorer]:
-        """Blocking: verify the package and open its onnxruntime session (no warm-up)."""
+    def _shared(self, model: str, version: int) -> tuple[Package, Scorer] | None:
+        """The package and session another variant already opened for this version.
+
+        Two variants of one version (plain and MATT, an A/B test of MATT) share one
+        onnxruntime session: InferenceSession.run is thread-safe, and each variant keeps its
+        own batcher, queue and metrics. A hot reload of one variant opens the new version
+        (or shares it with a variant already on it); the old session lives while any variant
+        still holds it.
+        """
+        for m in self.models.values():
+            if m.name == model and m.version == version:
+                return m.package, m.scorer
+        for (_, name, v), (pkg, scorer, _) in self._opened.items():
+            if name == model and v == version:
+                return pkg, scorer
+        return None
+
+    def _open(self, vc: VariantConfig, version: int) -> tuple[Package, Scorer, TestTimePath | None]:
+        """Blocking: verify the package, open (or share) its onnxruntime session (no warm-up)
+        and build the variant's test-time paths."""
+        shared = self._shared(vc.model, version)
+        if shared is not None:
+            pkg, scorer = shared
+            return pkg, scorer, self._test_time(vc, pkg)
         pkg = load_package(self.cfg.repo, vc.model, version)
         sc = self.cfg.scorer
         buckets = sorted(set(sc.buckets) | {self.cfg.batcher.max_batch_rows})
@@ -170,13 +198,19 @@ class Registry:
             raise
         except Exception as exc:  # onnxruntime refuses a damaged graph with many exception types
             raise PackageRefused(f"{vc.model}/{version}: {exc}") from exc
-        return pkg, scorer
+        return pkg, scorer, self._test_time(vc, pkg)
+
+    def _test_time(self, vc: VariantConfig, pkg: Package) -> TestTimePath | None:
+        try:
+            return build_test_time(vc.test_time, pkg.path, pkg.metadata, pkg.spec)
+        except TestTimeRefused as exc:
+            raise PackageRefused(f"{vc.model}/{pkg.version}: {exc}") from exc
 
     def _count_failure(self, vc: VariantConfig, version: int | None, exc: BaseException) -> str:
         reason = failure_reason(exc)
         self.load_failures.labels(vc.name, reason).inc()
         if version is not None:
-            self._failed.add((vc.model, int(version)))
+            self._failed.add((vc.name, vc.model, int(version)))
         return reason
 
     def _choose(self, vc: VariantConfig) -> None:
@@ -203,7 +237,7 @@ class Registry:
     def _build(self, vc: VariantConfig, version: int) -> LoadedModel:
         """Blocking: verify, open the session and warm every bucket (runs in a thread)."""
         opened = self._opened.pop((vc.name, vc.model, version), None)
-        pkg, scorer = opened if opened is not None else self._open(vc, version)
+        pkg, scorer, test_time = opened if opened is not None else self._open(vc, version)
         try:
             scorer.warmup(pkg.spec.num_fields, self.cfg.scorer.warmup_runs)
         except Exception as exc:
@@ -222,7 +256,9 @@ class Registry:
             on_batch=lambda rows, s: (m.batch_rows.labels(name).observe(rows), m.inference_seconds.labels(name).observe(s)),
             on_dispatch=lambda s: m.queue_seconds.labels(name).observe(s),
         )
-        return LoadedModel(name, pkg, RequestEncoder.for_spec(pkg.spec), scorer, batcher)
+        if test_time is not None:
+            test_time.bind(m, name)
+        return LoadedModel(name, pkg, RequestEncoder.for_spec(pkg.spec), scorer, batcher, test_time)
 
     async def load(self, vc: VariantConfig, version: int | None = None, *, initial: bool = False) -> dict[str, Any]:
         """Load one version of one variant beside the current one and swap it in."""
@@ -294,7 +330,7 @@ class Registry:
                 except FileNotFoundError as exc:
                     results.append({"variant": vc.name, "result": "failed", "error": str(exc)})
                     continue
-            if not explicit and (vc.model, want) in self._failed:
+            if not explicit and (vc.name, vc.model, want) in self._failed:
                 continue
             results.append(await self.load(vc, want))
         return results
@@ -312,7 +348,8 @@ class Registry:
 
     def describe(self) -> list[dict[str, Any]]:
         return [
-            {"variant": v, "model": m.name, "version": m.version, "provider": m.scorer.provider, "fields": m.package.spec.num_fields}
+            {"variant": v, "model": m.name, "version": m.version, "provider": m.scorer.provider, "fields": m.package.spec.num_fields,
+             "test_time": m.test_time.describe() if m.test_time is not None else None}
             for v, m in self.models.items()
         ]
 

@@ -29,6 +29,7 @@ from service.errors import BodyTimeout, ClientGone, Overloaded, PayloadTooLarge
 from service.features import Fetched
 from service.registry import LoadedModel
 from service.schemas import ScoreRequest, parse_request
+from service.test_time import score_tokens
 
 if TYPE_CHECKING:
     from service.admission import Ticket
@@ -146,7 +147,8 @@ async def batch(svc: "Service", model: LoadedModel, variant: str, tokens: np.nda
     inflight = svc.metrics.inflight_rows.labels(variant)
     inflight.inc(n)
     try:
-        return await model.batcher.submit(tokens, time.monotonic() + svc.cfg.batcher.timeout_ms / 1000.0)
+        # Through the batcher; a variant with test-time paths adds its path rows (service/test_time.py).
+        return await score_tokens(model, tokens, time.monotonic() + svc.cfg.batcher.timeout_ms / 1000.0)
     except QueueOverloaded as exc:
         ticket.expired = exc.reason == "deadline"
         raise
@@ -175,7 +177,7 @@ async def shadow(svc: "Service", req: ScoreRequest, fetched: Fetched, item_ids: 
         model = svc.registry.get(name)
         feats = [it.features for it in req.items]
         tokens = model.encoder.encode_request(req.user_id, fetched.user, fetched.items, item_ids, feats, req.context)
-        probs = await model.batcher.submit(tokens, time.monotonic() + svc.cfg.batcher.timeout_ms / 1000)
+        probs = await score_tokens(model, tokens, time.monotonic() + svc.cfg.batcher.timeout_ms / 1000)
     except QueueOverloaded as exc:
         svc.metrics.rejected.labels(name, exc.reason).inc()
         return
