@@ -163,10 +163,12 @@ def respond(svc: "Service", model: LoadedModel, variant: str, probs: np.ndarray,
         "model": model.name,
         "version": model.version,
         "variant": variant,
-        "scores": probs.astype(np.float64).tolist(),
+        # float32 straight from the array, in its shortest round-trip form: no Python list of
+        # floats, half the bytes of their float64 expansions, and the exact scores computed.
+        "scores": np.ascontiguousarray(probs, dtype=np.float32),
         "degraded": fetched.degraded,
     }
-    return Response(orjson.dumps(out), media_type=_JSON)
+    return Response(orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY), media_type=_JSON)
 
 
 async def shadow(svc: "Service", req: ScoreRequest, fetched: Fetched, item_ids: list[Any], request_id: str) -> None:
