@@ -13,6 +13,11 @@ Without --models it scores Frappe with a DNN-shaped ONNX graph (10 fields, emb 1
 Everything runs on loopback; the server is a `ctr serve` subprocess; the load generator is a
 minimal keep-alive HTTP/1.1 client in this process (httpx would be the bottleneck). Redis keys
 go under a fresh prefix and are deleted at the end. Every phase is bounded by --duration.
+
+With `--test-time '{"paths": 4, "trigger": "all"}'` (any TestTimeConfig keys) it runs MATT on
+vs off instead: one server with two variants of the same version, plain and MATT (statistics
+are built into the package first when it has none), each at saturation and then both at 50%
+of the plain variant's saturation rate (open loop), side by side.
 """
 
 from __future__ import annotations
@@ -180,9 +185,11 @@ def _summary(lat: list[float], codes: dict[int, int], elapsed: float) -> dict:
 
 
 # ---------------------------------------------------------------- server
-def start_server(repo: Path, model: str, redis_url: str, prefix: str, port: int, batching: bool, threads: int, config: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "ctr.cli", "--log-level", "WARNING", "serve", "--repo", str(repo), "--model", model, "--redis", redis_url,
+def start_server(repo: Path, model: str | None, redis_url: str, prefix: str, port: int, batching: bool, threads: int, config: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "ctr.cli", "--log-level", "WARNING", "serve", "--repo", str(repo), "--redis", redis_url,
            "--prefix", prefix, "--port", str(port), "--intra-op-threads", str(threads), "--config", str(config)]
+    if model:  # None: the variants of the config file
+        cmd += ["--model", model]
     if not batching:
         cmd.append("--no-batching")
     proc = subprocess.Popen(cmd, cwd=ROOT)
@@ -213,7 +220,7 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def serving(repo: Path, model: str, redis_url: str, prefix: str, batching: bool, threads: int, config: Path) -> Iterator[tuple[subprocess.Popen, int]]:
+def serving(repo: Path, model: str | None, redis_url: str, prefix: str, batching: bool, threads: int, config: Path) -> Iterator[tuple[subprocess.Popen, int]]:
     """One `ctr serve` subprocess on a free loopback port for the length of a phase group."""
     from tests.testing import free_port
 
@@ -294,6 +301,45 @@ def overhead(spec, reqs: list[bytes], redis_url: str, prefix: str, fast: bool = 
     return asyncio.run(run())
 
 
+def test_time_phases(repo: Path, name: str, version: int, tt: dict, args, prefix: str, serve_cfg: dict, work: Path, r100: list[bytes]) -> dict:
+    """MATT on vs off: one server, variants `plain` and `matt` of one version, same requests."""
+    pkg = repo / name / str(version)
+    if not (pkg / "test_time_stats.npz").is_file():
+        out = subprocess.run([sys.executable, "-m", "ctr.cli", "stats", "build", "--package", str(pkg), "--data", str(FRAPPE)],
+                             cwd=ROOT, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"ctr stats build failed: {out.stderr[-2000:]}")
+    cfg = work / "serve-test-time.json"
+    cfg.write_text(json.dumps({**serve_cfg, "variants": [{"name": "plain", "model": name, "version": version},
+                                                         {"name": "matt", "model": name, "version": version, "test_time": tt}]}))
+    reqs = {v: [orjson.dumps({**orjson.loads(b), "variant": v}) for b in r100] for v in ("plain", "matt")}
+    res: dict = {"test_time": tt}
+    with serving(repo, None, args.redis, prefix, True, args.threads, cfg) as (proc, port):
+        for v in ("plain", "matt"):
+            asyncio.run(closed_loop(port, reqs[v], args.conns, 1.0))  # warm connections and caches
+            s = res[f"{v}_sat_100"] = measured(proc.pid, closed_loop(port, reqs[v], args.conns, args.duration))
+            s["rows_per_s"] = s["req_per_s"] * 100
+            print(f"{v:5s} saturation 100 cand: {s['rows_per_s']:>10,.0f} rows/s  p50 {s['p50_ms']:.1f} ms  p99 {s['p99_ms']:.1f} ms"
+                  f"  non-200 {s['non_200']}  server CPU/req {s['server_cpu_ms_per_req']:.2f} ms", flush=True)
+        rate = res["plain_sat_100"]["req_per_s"] * 0.5 or 1.0
+        for v in ("plain", "matt"):
+            res[f"{v}_load50_100"] = open_loop_phase(proc, port, reqs[v], rate, args.duration, f"{v:5s} at 50% of plain's saturation")
+        import httpx
+
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    from tests.service_support import metric_value
+
+    rows = metric_value(text, "ctr_test_time_rows_total", variant="matt")
+    res["share_with_paths"] = metric_value(text, "ctr_test_time_rows_with_paths_total", variant="matt") / rows if rows else None
+    res["model_rows_per_row"] = 1 + metric_value(text, "ctr_test_time_extra_rows_total", variant="matt") / rows if rows else None
+    p, m = res["plain_load50_100"], res["matt_load50_100"]
+    res["p99_ratio_at_50pct"] = m["p99_ms"] / p["p99_ms"] if p["p99_ms"] else None
+    res["saturation_ratio"] = res["matt_sat_100"]["rows_per_s"] / (res["plain_sat_100"]["rows_per_s"] or 1.0)
+    print(f"MATT {tt}: {res['share_with_paths']:.2f} of rows with paths, {res['model_rows_per_row']:.2f} model rows per row;"
+          f" saturation rows/s matt/plain {res['saturation_ratio']:.2f}; p99 at 50% load matt/plain {res['p99_ratio_at_50pct']:.2f}", flush=True)
+    return res
+
+
 # ---------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -309,6 +355,8 @@ def main() -> None:
     ap.add_argument("--overhead-only", action="store_true", help="only the in-process CPU cost per request")
     ap.add_argument("--switch-interval-ms", type=float, default=0.0, help="server's gil_switch_interval_ms (0: the service default)")
     ap.add_argument("--compare-gc", action="store_true", help="also run (d) batched with gc_freeze off, side by side")
+    ap.add_argument("--test-time", metavar="JSON", help="MATT on vs off instead of (a)-(d): a variant's test_time settings, "
+                    "e.g. '{\"paths\": 4, \"trigger\": \"all\"}' (statistics are built into the package if missing)")
     args = ap.parse_args()
 
     from model.logs import setup_logging
@@ -348,6 +396,10 @@ def main() -> None:
 
                 version = latest_version(repo, name)
                 res = results["models"][name] = {}
+                if args.test_time:
+                    print(f"\n== {name} v{version}: MATT on vs off", flush=True)
+                    res["test_time"] = test_time_phases(repo, name, version, json.loads(args.test_time), args, prefix, serve_cfg, work, r100)
+                    continue
                 res["raw_ort_rows_per_s"] = raw_ort(repo / name / str(version) / "model.onnx", spec, args.threads, [10, 100, 256, 512, 1024], min(args.duration, 2.0))
                 print(f"\n== {name} v{version}\n(a) raw onnxruntime rows/s: " + ", ".join(f"b{b}={v:,.0f}" for b, v in res["raw_ort_rows_per_s"].items()), flush=True)
                 for batching in (True, False):
