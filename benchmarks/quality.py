@@ -504,6 +504,8 @@ def run_datasets(args: argparse.Namespace) -> int:
         {ds.name: {"spec": ds.spec, "dir": str(data[ds.name]), "meta": metas[ds.name]} for ds in datasets}, indent=2))
     partial = args.out / "results_partial.json"
     results: list[dict[str, Any]] = json.loads(partial.read_text()) if args.resume and partial.exists() else []
+    wanted = {(ds.name, model, seed) for ds in datasets for model in order for seed in seeds}
+    results = [r for r in results if (r["dataset"], r["model"], r["seed"]) in wanted]  # another command's runs stay out
     done = {(r["dataset"], r["model"], r["seed"]) for r in results}
     plan = [(ds, seed, model) for ds in datasets for seed in seeds for model in order if (ds.name, model, seed) not in done]
     total, started = len(plan) + len(done), time.perf_counter()
@@ -512,15 +514,16 @@ def run_datasets(args: argparse.Namespace) -> int:
     for k, (ds, seed, model) in enumerate(plan):
         run_dir = args.out / "runs" / ds.name / f"{model}-seed{seed}"
         shared = run_dir.parent / f"dgenctr-seed{seed}"
-        reuse = model == "dgenctr-emb-only" and "dgenctr" in order and (shared / "pretrained.safetensors").exists()
+        # Only a stage 1 this benchmark ran (recorded in `results`) is reused, never a leftover file.
+        first = next((r for r in results if r["dataset"] == ds.name and r["model"] == "dgenctr" and r["seed"] == seed), None)
+        reuse = model == "dgenctr-emb-only" and first is not None and (shared / "pretrained.safetensors").exists()
         cfg, recipe, changes = bench_config(model, ds, data[ds.name], seed, args, run_dir,
                                             shared / "pretrained.safetensors" if reuse else None)
         t0 = time.perf_counter()
         metrics = train_run(cfg, recipe={"config": recipe, "set": changes})
         seconds = time.perf_counter() - t0
-        if reuse:  # the shared stage 1 counts for this variant too
-            first = next(r for r in results if r["dataset"] == ds.name and r["model"] == "dgenctr" and r["seed"] == seed)
-            seconds += first["stage1_seconds"] or 0.0
+        if reuse and first is not None:  # the shared stage 1 counts for this variant too
+            seconds += first.get("stage1_seconds") or 0.0
         record = run_record(ds, model, seed, recipe, metrics, seconds)
         record["stage1_seconds"] = (metrics.get("pretrain") or {}).get("seconds")
         results.append(record)
