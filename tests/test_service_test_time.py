@@ -188,3 +188,25 @@ def test_hot_reload_rebuilds_the_paths_and_a_refused_version_still_moves_plain(r
         assert r.status_code == 200 and r.json()["version"] == 2
         text = httpx.get(srv.url + "/metrics").text
         assert metric_value(text, "ctr_model_load_failures_total", variant="matt", reason="test_time") == 1
+
+
+def test_the_variant_setting_from_a_file_and_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from service.config import SettingsError, load_settings
+
+    cfg_file = tmp_path / "serve.yaml"
+    cfg_file.write_text("variants: [{name: plain, model: m}, {name: matt, model: m, test_time: {paths: 4, trigger: uncertain}}]\n")
+    cfg = load_settings(cfg_file)
+    assert cfg.variants[0].test_time is None
+    assert cfg.variants[1].test_time == TestTimeConfig(method="matt", paths=4, trigger="uncertain")
+
+    monkeypatch.setenv("CTR_VARIANTS", '[{"name": "matt", "model": "m", "test_time": {"paths": 2, "kappa": 1}}]')
+    tt = load_settings().variants[0].test_time
+    assert tt is not None and tt.paths == 2 and tt.kappa == [1.0]
+
+    # A typo under test_time names that section's keys, not the variant's.
+    monkeypatch.setenv("CTR_VARIANTS", '[{"name": "matt", "model": "m", "test_time": {"pahts": 2}}]')
+    with pytest.raises(SettingsError, match=r"unknown key 'variants\.0\.test_time\.pahts' \(valid keys under 'variants\.0\.test_time': method, paths, trigger"):
+        load_settings()
+    monkeypatch.setenv("CTR_VARIANTS", '[{"name": "matt", "model": "m", "test_time": {"paths": 0}}]')
+    with pytest.raises(SettingsError, match=r"variants\.0\.test_time\.paths"):
+        load_settings()
