@@ -105,7 +105,8 @@ class Refiner(nn.Module):
         return self.config.score == "sweep" or self._group_of[k] == r % self.groups
 
     def _vocab_probs(self, g: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(p_obs [B, F], mean [B, F, e]) over each field's full vocabulary."""
+        """(p_obs [B, F], mean [B, F, e]) over each field's full vocabulary; with weight=relative,
+        p_obs is divided by the most probable value's p (1 when the observed value is the mode)."""
         table = self.net.embedding.table.weight
         gn = F.normalize(g, dim=-1)
         p_obs, means = [], []
@@ -113,7 +114,8 @@ class Refiner(nn.Module):
             rows = table[start : start + size]
             logits = gn[:, k] @ F.normalize(rows, dim=-1).t() / self.config.tau + self.reserved[:size]
             p = torch.softmax(logits, dim=-1)
-            p_obs.append(p.gather(1, tokens[:, k : k + 1]).squeeze(1))
+            obs_p = p.gather(1, tokens[:, k : k + 1]).squeeze(1)
+            p_obs.append(obs_p / p.amax(dim=-1) if self.config.weight == "relative" else obs_p)
             means.append(p @ rows)
         return torch.stack(p_obs, dim=1), torch.stack(means, dim=1)
 
@@ -158,7 +160,9 @@ class Refiner(nn.Module):
             priority = self._priority(s, tokens, r).masked_fill(~candidates, float("inf"))
             kth = torch.topk(priority, k_sel, dim=1, largest=False).values[:, -1:]
             select = (priority <= kth) & candidates & eligible
-            if cfg.weight == "batch":
+            if cfg.weight == "zero" and cfg.generated == "direction":  # no candidate softmax needed
+                p_obs, mean = torch.zeros_like(s), g
+            elif cfg.weight == "batch":
                 p_obs, mean = self._batch_probs(g, obs, tokens)
             else:
                 p_obs, mean = self._vocab_probs(g, tokens)

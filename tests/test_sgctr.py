@@ -141,3 +141,15 @@ def test_noise_is_seeded_and_skips_reserved_cells():
     assert corrupt_tokens(tokens, 0.0)[2].changed == 0.0
     with pytest.raises(ValueError):
         corrupt_tokens(tokens, 1.5)
+
+
+@torch.no_grad()
+def test_relative_weight_keeps_more_of_the_observed_value(net: DGenCTR):
+    """weight=relative divides p(observed) by the mode's p, so w is never below weight=full's."""
+    tokens = _tokens(16)
+    obs = net.embedding(tokens)
+    dist = {}
+    for weight in ("full", "relative"):
+        v = Refiner(net, SgctrConfig(passes=1, selection="all", weight=weight), NAMES).refine_values(tokens)
+        dist[weight] = (v - obs).norm(dim=-1)
+    assert (dist["relative"] <= dist["full"] + 1e-6).all() and (dist["relative"] < dist["full"]).any()

@@ -54,8 +54,10 @@ class SgctrConfig(BaseModel):
     # Blend weight w_k of the observed embedding: the generator's probability of the observed
     # value over the field's full vocabulary ("full"), over the batch's values of the field
     # ("batch": depends on the batch, so not reproducible across batchings), or 0 ("zero":
-    # replace the selected fields outright).
-    weight: Literal["full", "batch", "zero"] = "full"
+    # replace the selected fields outright), or "relative": the full-vocabulary probability over
+    # that of the generator's most probable value (1 when the observed value is its first guess;
+    # a diffuse generator over a large vocabulary then does not pull every value to its mean).
+    weight: Literal["full", "relative", "batch", "zero"] = "full"
     # The generated embedding: the generator's posterior mean over the candidates of `weight`
     # ("mean"; full vocabulary for weight=zero) or G_k's direction at the observed norm ("direction").
     generated: Literal["mean", "direction"] = "mean"
