@@ -48,10 +48,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def build_config(args: argparse.Namespace):  # -> ServiceConfig
-    from service.config import VariantConfig, load_config
+    from service.config import VariantConfig, load_settings
 
-    cfg = load_config(
+    # configure_logging: a config file's log_format/log_level apply too (the CLI's own
+    # --log-level/--log-format reach the settings as CTR_ variables, which outrank the file).
+    cfg = load_settings(
         args.config,
+        configure_logging=True,
         repo=args.repo,
         reload_poll_s=args.reload_poll_s,
         features__redis_url=args.redis,
