@@ -51,6 +51,7 @@ COPY ctr ./ctr
 COPY model ./model
 COPY export ./export
 COPY service ./service
+COPY testtime ./testtime
 # Fail the build if anything dragged torch in, and prove the entry point imports without it.
 RUN pip install --no-deps . \
  && python3 -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)" \

@@ -119,7 +119,7 @@ def test_image_installs_the_base_dependencies_and_the_project_without_deps():
 
 def _third_party_imports(paths: list[Path]) -> set[str]:
     stdlib = set(sys.stdlib_module_names)
-    first_party = {"ctr", "model", "export", "service"}
+    first_party = {"ctr", "model", "export", "service", "testtime"}
     found: set[str] = set()
     for path in paths:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -149,7 +149,8 @@ def test_base_dependencies_cover_the_serving_imports_and_training_is_an_extra():
     assert {"torch", "scikit-learn", "safetensors", "onnxscript"} <= train
     assert "onnxruntime" in base, "`pip install ctr-serve` can score"
     assert "ctr-serve[train]" in project["optional-dependencies"]["dev"], "the test environment can train"
-    serving_code = sorted((REPO / "service").glob("*.py")) + [
+    # testtime: the service builds a variant's test-time paths (MATT) with it
+    serving_code = sorted((REPO / "service").glob("**/*.py")) + [REPO / "testtime" / f"{m}.py" for m in ("matt", "confidence", "stats", "combos", "sketch")] + [
         p for p in (REPO / "model" / "spec.py", REPO / "model" / "readers.py", REPO / "model" / "logs.py",
                     REPO / "export" / "package.py", REPO / "export" / "offline_scorer.py") if p.exists()
     ]
