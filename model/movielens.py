@@ -20,7 +20,6 @@ of that user's train rows, and every test row strictly later than the user's val
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from model.readers import DataError
+from model.synth import write  # one writer for every generated data set
 
 log = logging.getLogger(__name__)
 
@@ -219,21 +219,6 @@ def build(raw: dict[str, pd.DataFrame], cfg: MovieLensConfig = MovieLensConfig()
         "unseen_items": {k: int((~splits[k]["item_id"].isin(splits["train"]["item_id"])).sum()) for k in ("valid", "test")},
     }
     return {**splits, "users": users, "items": items, "meta": meta}
-
-
-def write(tables: dict[str, pd.DataFrame | dict], out_dir: str | Path, fmt: str = "parquet") -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, table in tables.items():
-        if name == "meta":
-            continue
-        assert isinstance(table, pd.DataFrame)
-        if fmt == "parquet":
-            table.to_parquet(out / f"{name}.parquet", index=False)
-        else:
-            table.to_csv(out / f"{name}.csv", index=False)
-    (out / "meta.json").write_text(json.dumps(tables["meta"], indent=2))
-    return out
 
 
 def prepare(out_dir: str | Path, source: str | Path | None = None, cfg: MovieLensConfig = MovieLensConfig()) -> dict:

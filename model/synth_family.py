@@ -26,13 +26,14 @@ reported is the AUC of `p_bayes`; `oracle_auc` is the AUC of `p_true`.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from model.synth import write  # one writer for every generated data set
 
 log = logging.getLogger(__name__)
 
@@ -349,21 +350,6 @@ def _meta(cfg: FamilyConfig, splits: dict[str, pd.DataFrame], test_logit: np.nda
             "items_in_train": int(np.count_nonzero(train_counts_i)),
         },
     }
-
-
-def write(tables: dict[str, pd.DataFrame | dict], out_dir: str | Path, fmt: str = "parquet") -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, table in tables.items():
-        if name == "meta":
-            continue
-        assert isinstance(table, pd.DataFrame)
-        if fmt == "parquet":
-            table.to_parquet(out / f"{name}.parquet", index=False)
-        else:
-            table.to_csv(out / f"{name}.csv", index=False)
-    (out / "meta.json").write_text(json.dumps(tables["meta"], indent=2))
-    return out
 
 
 def synthesize(cfg: FamilyConfig, out_dir: str | Path) -> dict:
