@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from model.spec import FeatureSpec
-from service.item_cache import NO_SLOT, FetchedItems, ItemTokenCache
+from service.item_cache import FetchedItems, ItemTokenCache
 
 Row = Mapping[str, Any]
 _EMPTY: dict[str, Any] = {}

@@ -128,3 +128,20 @@ def train_and_export(data_dir: Path, work: Path, name: str = "synth") -> Path:
 def trained_package(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny real DGenCTR run exported with the exporter (MODELS/synth/1), once per session."""
     return train_and_export(synth_dir, tmp_path_factory.mktemp("trained"))
+
+
+def wait_ready(proc: Any, url: str, timeout_s: float = 120.0) -> None:
+    """Until the server process at `url` answers /readyz 200; fails with its output if it exits."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}: {proc.communicate()[0]}")
+        assert time.monotonic() < deadline, f"{url} not ready after {timeout_s:.0f} s"
+        time.sleep(0.2)

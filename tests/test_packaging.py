@@ -14,16 +14,14 @@ import os
 import re
 import subprocess
 import sys
-import time
 import tomllib
-from pathlib import Path
 
 import httpx
 import pytest
 
 from ctr.cli import TRAIN_ONLY
 from tests.testing import free_port, tiny_package
-from tests.service_support import REPO_ROOT, request_body
+from tests.service_support import REPO_ROOT, request_body, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -83,15 +81,7 @@ def test_base_install_verifies_and_serves_without_torch(base_env, synth_spec, sy
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0] if proc.poll() is not None else "timeout"
-            time.sleep(0.2)
+        wait_ready(proc, url)
         r = httpx.post(url + "/score", json=request_body(synth_dir, 10), timeout=30)
         assert r.status_code == 200 and len(r.json()["scores"]) == 10
     finally:

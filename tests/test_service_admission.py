@@ -13,7 +13,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 
 import httpx
 import numpy as np
@@ -21,7 +20,7 @@ import pytest
 
 from service.admission import MIN_INFLIGHT, Admission
 from service.errors import Overloaded
-from tests.service_support import REPO_ROOT, metric_value, offline_scores, request_body
+from tests.service_support import REPO_ROOT, metric_value, offline_scores, request_body, wait_ready
 from tests.testing import free_port, tiny_package
 
 
@@ -164,15 +163,7 @@ def test_overload_is_shed_before_parsing_and_admitted_requests_succeed(synth_spe
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
-            time.sleep(0.2)
+        wait_ready(proc, url)
         dicts = [request_body(synth_dir, n_items=500, user_index=i, seed=i) for i in range(20)]
         bodies = [json.dumps(d).encode() for d in dicts]
         results = asyncio.run(_drive(url, bodies, clients=200, per_client=3))

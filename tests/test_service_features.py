@@ -14,7 +14,6 @@ import time
 
 import numpy as np
 import pandas as pd
-import pytest
 import redis
 
 from service.encoding import FieldPlan, Missing, RequestEncoder

@@ -16,7 +16,7 @@ from service.ab import Assigner
 from service.app import create_app
 from service.features import bulk_load
 from tests.testing import ServerThread, free_port, tiny_package
-from tests.service_support import REPO_ROOT, config, fire, metric_value, offline_scores, request_body
+from tests.service_support import REPO_ROOT, config, fire, metric_value, offline_scores, request_body, wait_ready
 
 
 def tiny_package_weights(spec, seed):
@@ -201,15 +201,7 @@ def test_sigterm_drains_without_dropping_accepted_requests(repo, synth_dir, tmp_
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
-            time.sleep(0.2)
+        wait_ready(proc, url)
 
         async def traffic():
             results = []

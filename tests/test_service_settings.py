@@ -15,7 +15,7 @@ import pytest
 from model.logs import JsonFormatter, kv
 from service.config import ServiceConfig, SettingsError, load_settings, with_default_variant
 from tests.testing import tiny_package
-from tests.service_support import REPO_ROOT
+from tests.service_support import REPO_ROOT, wait_ready
 
 
 @pytest.fixture(autouse=True)
@@ -189,7 +189,6 @@ def test_uvicorn_lines_follow_the_process_log_format():
 def test_the_uvicorn_factory_serves_from_the_environment(tmp_path, synth_spec, synth_dir):
     """`uvicorn --factory service.app:from_env` configured only by CTR_* variables: it serves,
     and its log lines follow CTR_LOG_FORMAT=json."""
-    import time
 
     import httpx
 
@@ -206,15 +205,7 @@ def test_the_uvicorn_factory_serves_from_the_environment(tmp_path, synth_spec, s
                             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0] if proc.poll() is not None else "timeout"
-            time.sleep(0.2)
+        wait_ready(proc, url)
         r = httpx.post(url + "/score", json=request_body(synth_dir, 4), timeout=30)
         assert r.status_code == 200 and r.json()["version"] == 1
     finally:
