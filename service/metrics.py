@@ -80,6 +80,8 @@ class Metrics:
         self.rejected = Counter("ctr_rejected_total", "requests refused with 503", ["variant", "reason"], registry=r)
         self.degraded = Counter("ctr_degraded_total", "requests served with default features", ["reason"], registry=r)
         self.reload = Counter("ctr_reload_total", "model version loads", ["variant", "result"], registry=r)
+        self.load_failures = Counter("ctr_model_load_failures_total", "model versions refused at start-up or reload, by reason",
+                                     ["variant", "reason"], registry=r)
         self.prediction = Histogram("ctr_prediction", "predicted probabilities", ["variant"], buckets=_PROB, registry=r)
         self.gc_pause_seconds = Histogram(
             "ctr_gc_pause_seconds", "CPython garbage-collection pauses by generation (they stall every request in flight)",

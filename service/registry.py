@@ -25,7 +25,6 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import Counter
 
 from model.logs import kv
 from service.batcher import Batcher
@@ -69,16 +68,6 @@ _REASONS = (
     ("onnx_load", ("model.onnx does not load", "onnx.checker", "onnxruntime", "protobuf", "load model")),
     ("incompatible", ("input", "output", "opset", "metadata.json")),
 )
-
-
-def load_failures_counter(metrics: Metrics) -> Counter:
-    """ctr_model_load_failures_total on the app's own metrics registry (one per app)."""
-    counter = getattr(metrics, "load_failures", None)
-    if counter is None:
-        counter = Counter("ctr_model_load_failures_total", "model versions refused at start-up or reload, by reason",
-                          ["variant", "reason"], registry=metrics.registry)
-        metrics.load_failures = counter  # type: ignore[attr-defined]
-    return counter
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -131,7 +120,7 @@ class Registry:
     _opened: dict[tuple[str, str, int], tuple[Package, Scorer, TestTimePath | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.load_failures = load_failures_counter(self.metrics)
+        self.load_failures = self.metrics.load_failures
         for vc in self.variant_configs():
             self._choose(vc)
 
