@@ -145,3 +145,20 @@ def wait_ready(proc: Any, url: str, timeout_s: float = 120.0) -> None:
             raise AssertionError(f"server exited with {proc.returncode}: {proc.communicate()[0]}")
         assert time.monotonic() < deadline, f"{url} not ready after {timeout_s:.0f} s"
         time.sleep(0.2)
+
+
+def offline_rows(synth_dir: Path, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """Raw rows joined the offline way (tables + request), as a batch job would build them."""
+    users = pd.read_parquet(synth_dir / "users.parquet").set_index("user_id")
+    items = pd.read_parquet(synth_dir / "items.parquet").set_index("item_id")
+    rows = []
+    for it in body["items"]:
+        row = {"user_id": body["user_id"], "item_id": it["item_id"]}
+        if body["user_id"] in users.index:
+            row.update(users.loc[body["user_id"]].to_dict())
+        if it["item_id"] in items.index:
+            row.update(items.loc[it["item_id"]].to_dict())
+        row.update(body["context"])
+        row.update(it.get("features") or {})
+        rows.append(row)
+    return rows

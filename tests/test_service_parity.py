@@ -8,30 +8,12 @@ from __future__ import annotations
 
 import httpx
 import numpy as np
-import pandas as pd
 
 from export.offline_scorer import OfflineScorer
 from export.package import verify_package
 from service.app import create_app
 from tests.testing import ServerThread
-from tests.service_support import config, request_body, trained_package  # noqa: F401 (fixture)
-
-
-def _offline_rows(synth_dir, body):
-    """Raw rows joined the offline way (tables + request), as a batch job would build them."""
-    users = pd.read_parquet(synth_dir / "users.parquet").set_index("user_id")
-    items = pd.read_parquet(synth_dir / "items.parquet").set_index("item_id")
-    rows = []
-    for it in body["items"]:
-        row = {"user_id": body["user_id"], "item_id": it["item_id"]}
-        if body["user_id"] in users.index:
-            row.update(users.loc[body["user_id"]].to_dict())
-        if it["item_id"] in items.index:
-            row.update(items.loc[it["item_id"]].to_dict())
-        row.update(body["context"])
-        row.update(it.get("features") or {})
-        rows.append(row)
-    return rows
+from tests.service_support import config, request_body, trained_package, offline_rows  # noqa: F401 (fixture)
 
 
 def test_service_matches_offline_scorer_on_a_trained_package(trained_package, synth_dir):
@@ -48,6 +30,6 @@ def test_service_matches_offline_scorer_on_a_trained_package(trained_package, sy
         for body in bodies:
             r = httpx.post(srv.url + "/score", json=body)
             assert r.status_code == 200, r.text
-            want = np.asarray(scorer.score_rows(_offline_rows(synth_dir, body)), dtype=np.float64)
+            want = np.asarray(scorer.score_rows(offline_rows(synth_dir, body)), dtype=np.float64)
             np.testing.assert_allclose(r.json()["scores"], want, atol=1e-5, rtol=0)
             assert np.std(want) > 0  # a trained model, not a constant

@@ -19,7 +19,7 @@ from ctr.cli import main
 from export.offline_scorer import OfflineScorer
 from service.app import create_app
 from service.registry import NoServableModel
-from tests.service_support import config, metric_value, request_body, trained_package  # noqa: F401 (fixture)
+from tests.service_support import config, metric_value, request_body, trained_package, offline_rows  # noqa: F401 (fixture)
 from tests.testing import ServerThread
 from testtime.matt import TestTimeConfig, load_matt
 from testtime.stats import MANIFEST_FILE, STATS_FILE
@@ -42,21 +42,6 @@ def repo_with_stats(trained_package: Path, synth_dir: Path, tmp_path_factory: py
     shutil.copytree(trained_package, dst)
     _build_stats(dst, synth_dir)
     return repo
-
-
-def _offline_rows(synth_dir: Path, body: dict) -> pd.DataFrame:
-    users = pd.read_parquet(synth_dir / "users.parquet").set_index("user_id")
-    items = pd.read_parquet(synth_dir / "items.parquet").set_index("item_id")
-    rows = []
-    for it in body["items"]:
-        row = {"user_id": body["user_id"], "item_id": it["item_id"]}
-        if body["user_id"] in users.index:
-            row.update(users.loc[body["user_id"]].to_dict())
-        if it["item_id"] in items.index:
-            row.update(items.loc[it["item_id"]].to_dict())
-        row.update(body["context"])
-        rows.append(row)
-    return pd.DataFrame(rows)
 
 
 def _publish_without_stats(repo: Path, version: int) -> Path:
@@ -96,7 +81,7 @@ def test_plain_and_matt_variants_of_one_version_match_the_offline_scores(repo_wi
 
         answers: dict[str, list[np.ndarray]] = {"plain": [], "matt": [], "sel": []}
         for body in bodies:
-            tokens = offline.encode(_offline_rows(synth_dir, body))
+            tokens = offline.encode(pd.DataFrame(offline_rows(synth_dir, body)))
             want = {"plain": offline.score_tokens(tokens), "matt": matt_all.score(tokens, offline.score_tokens),
                     "sel": matt_unc.score(tokens, offline.score_tokens)}
             for variant in answers:
