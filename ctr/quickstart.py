@@ -227,7 +227,10 @@ def _get(url: str, timeout: float = 2.0) -> int:
 def serve(wd: Workdir, args: argparse.Namespace, body: dict[str, Any], scores: dict[str, Any], t_start: float) -> int:
     """Start `ctr serve` as a child, wait for /readyz, print the curl, then wait; signals are passed on."""
     cmd = _ctr("serve", "--repo", str(wd.models), "--model", MODEL_NAME, "--users", str(wd.data / "users.parquet"),
-               "--items", str(wd.data / "items.parquet"), "--host", args.host, "--port", str(args.port))
+               "--items", str(wd.data / "items.parquet"), "--host", args.host, "--port", str(args.port),
+               # No load balancer sits in front of a local demo, so nothing needs the 5 s in which
+               # a pod leaves its endpoints: Ctrl-C stops accepting at once and drains in-flight requests.
+               "--drain-grace-s", "0")
     log.info("step %s", _kv(step=f"4/{len(STEPS)}", name="serve", cmd=" ".join(["ctr", *cmd[3:]])))
     child = subprocess.Popen(cmd)
 

@@ -96,3 +96,5 @@ def test_serve_answers_then_drains_on_sigterm(built):
     assert "curl -s http://localhost:" in stdout and summary["example_request"]["user_id"] in stdout
     assert "reuse step=train" in stderr  # a re-run says what it did not rebuild
     assert "drain_start" in stderr
+    # A local demo has no load balancer to leave: it stops accepting at once, then drains.
+    assert "grace_s=0" in stderr and "grace_s=5" not in stderr
