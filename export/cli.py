@@ -4,6 +4,7 @@
 action word; `verify` is an optional sub-action:
 
     ctr export --run RUN_DIR --repo MODELS_DIR --name NAME [--version N] [--precision fp32|fp16|int8]
+               [--stats copy|build|none] [--stats-data DIR]
     ctr export verify PATH [--torch-run RUN_DIR]
     ctr models list --repo MODELS_DIR [--verify]
 
@@ -35,6 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--eval-rows", type=int, default=200_000, help="validation rows scored for the AUC change")
     exp.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     exp.add_argument("--no-optimize", action="store_true", help="skip onnxruntime's BASIC graph optimisation")
+    exp.add_argument("--stats", choices=STATS_MODES, default="copy",
+                     help="test-time statistics (MATT) in the package: copy = the run's test_time_stats.npz when it has "
+                          "one (default); build = copy, else build from the run's train split; none = leave them out")
+    exp.add_argument("--stats-data", help="with --stats build: the data directory (its train split) or file; default: the run's data")
     exp.set_defaults(handler=_export)
 
     actions = exp.add_subparsers(dest="export_action", metavar="[verify]")
@@ -70,6 +75,10 @@ def _export(args: argparse.Namespace) -> int:
         eval_rows=args.eval_rows,
     )
     pkg = export_run(args.run, args.repo, args.name, version=args.version, options=options)
+    try:
+        stats = attach_stats(pkg.path, args.run, args.stats, data=args.stats_data)
+    except ValueError as exc:  # the package is published and valid, only without statistics
+        raise ValueError(f"{pkg.path} was published without test-time statistics: {exc}") from exc
     meta = pkg.metadata
     print(json.dumps({
         "package": str(pkg.path),
@@ -81,8 +90,76 @@ def _export(args: argparse.Namespace) -> int:
         "opset": meta.get("opset"),
         "parity_max_abs_diff": meta.get("parity", {}).get("max_abs_diff"),
         "precision_eval": meta.get("precision_eval"),
+        "test_time_stats": stats,
     }, indent=2))
     return 0
+
+
+# `--stats`: `copy` is the default because building reads the whole training split at export
+# time. Counting runs at ~1M rows/s, but encoding the log with the spec (~70-100k rows/s,
+# docs/test-time.md §5) dominates: seconds on Frappe_x1, tens of minutes on a production log,
+# which `ctr stats build` can count in shards and merge instead. The training data may also
+# not be on the exporting machine. A package without statistics still serves plain, and a
+# MATT variant on it is refused at load with the command that builds them.
+STATS_MODES = ("copy", "build", "none")
+
+
+def attach_stats(package_dir: str | Path, run_dir: str | Path | None, mode: str = "copy", *,
+                 data: str | Path | None = None, config: object = None) -> dict:
+    """Put test-time statistics into a published package: the run's own file when it has one
+    (`ctr stats build --run`), else, with mode `build`, a fresh count of the train split.
+
+    The copied npz keeps its bytes and sha256; its manifest gains the package's
+    `feature_spec_sha256` and `onnx_sha256`, after the file was loaded against the package's
+    spec, so `ctr export verify` checks it like one built with `--package`. The npz is renamed
+    in before its manifest (each atomically), as `ctr stats build --package` writes them.
+    Returns what was done: {"status": "copied"|"built"|"present"|"none", ...}.
+    """
+    from export.package import TEST_TIME_MANIFEST_FILE, TEST_TIME_STATS_FILE, verify_package
+    from testtime.stats import ComboStats, StatsError, _atomic_write, check_manifest
+
+    if mode not in STATS_MODES:
+        raise ValueError(f"--stats must be one of {', '.join(STATS_MODES)}, got {mode!r}")
+    pkg = verify_package(package_dir, smoke_run=False)
+    target = pkg.path / TEST_TIME_STATS_FILE
+    if mode == "none":
+        return {"status": "none", "reason": "--stats none"}
+    if target.is_file() and (pkg.path / TEST_TIME_MANIFEST_FILE).is_file():
+        return {"status": "present", "file": str(target)}
+    ids = {"feature_spec_sha256": pkg.metadata.get("feature_spec_sha256"), "onnx_sha256": pkg.metadata.get("onnx_sha256")}
+    source = Path(run_dir) / TEST_TIME_STATS_FILE if run_dir else None
+    if source is not None and source.is_file():
+        raw = source.read_bytes()
+        try:
+            manifest = check_manifest(source, raw)
+            stats = ComboStats.from_bytes(raw, pkg.spec)
+        except StatsError as exc:
+            raise ValueError(f"the run's {source.name} cannot be used: {exc}") from exc
+        manifest = {**manifest, **ids, "copied_from": str(source.resolve())}
+        _atomic_write(target, raw)
+        _atomic_write(pkg.path / TEST_TIME_MANIFEST_FILE, (json.dumps(manifest, indent=1) + "\n").encode())
+        status = {"status": "copied", "from": str(source), "rows": stats.rows, "bytes": len(raw)}
+    elif mode == "build":
+        from model.readers import split_path
+        from testtime.cli import _run_data
+        from testtime.stats import StatsConfig, build_from_file
+
+        src = data or _run_data(str(run_dir) if run_dir else pkg.metadata.get("source_run"))
+        if src is None:
+            raise ValueError("the run has no test_time_stats.npz and its training data was not found: pass --stats-data DIR")
+        path = split_path(Path(src), "train") if Path(src).is_dir() else Path(src)
+        stats = build_from_file(pkg.spec, path, config if isinstance(config, StatsConfig) else None)
+        manifest = stats.save(target, **ids, data={"file": str(path), "split": "train"})
+        status = {"status": "built", "from": str(path), "rows": stats.rows, "bytes": manifest["bytes"]}
+    else:
+        return {"status": "none", "reason": "the run has no test_time_stats.npz (ctr stats build --run, or --stats build)"}
+    try:
+        verify_package(pkg.path, smoke_run=False)
+    except ValueError:  # leave the package as it was published: valid, without statistics
+        for f in (TEST_TIME_MANIFEST_FILE, TEST_TIME_STATS_FILE):
+            (pkg.path / f).unlink(missing_ok=True)
+        raise
+    return status
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -321,3 +321,89 @@ def test_service_side_modules_import_without_torch(good: Path) -> None:
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(1,)"
+
+
+# ---------------------------------------------------------------------- test-time statistics
+def _stats_run(folder: Path, spec: FeatureSpec, data: Path, *, with_stats: bool = True) -> Path:
+    """What `ctr export` reads from a run for the statistics: its config (the data dir) and,
+    as `ctr stats build --run` leaves it, test_time_stats.npz with its manifest."""
+    from testtime.stats import STATS_FILE, StatsConfig, build_from_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"data": {"dir": str(data)}}))
+    if with_stats:
+        build_from_file(spec, next(data.glob("train.*")), StatsConfig(width_log2=10)).save(folder / STATS_FILE)
+    return folder
+
+
+def test_export_copies_the_runs_statistics_and_verify_checks_them(tmp_path: Path, synth_dir: Path) -> None:
+    """`ctr train`, `ctr stats build --run`, `ctr export`: the package carries the run's file."""
+    import subprocess
+    import sys
+
+    from ctr.cli import main
+    from testtime.matt import TestTimeConfig, load_matt
+    from testtime.stats import MANIFEST_FILE, STATS_FILE
+
+    run, repo = tmp_path / "run", tmp_path / "models"
+    repo_root = Path(__file__).resolve().parent.parent
+    for argv in (["train", "--spec", "synthetic", "--data", str(synth_dir), "--out", str(run), "--model", "dnn",
+                  "--epochs", "1", "--max-rows", "2000", "--batch-size", "512", "--hidden", "8", "--embedding-dim", "4",
+                  "--no-progress", "--threads", "1", "--log-level", "WARNING"],
+                 ["stats", "build", "--run", str(run), "--width-log2", "10"]):
+        out = subprocess.run([sys.executable, "-m", "ctr", *argv], cwd=repo_root, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+    assert main(["export", "--run", str(run), "--repo", str(repo), "--name", "m"]) == 0
+    pkg = repo / "m" / "1"
+    meta = json.loads((pkg / "metadata.json").read_text())
+    assert (pkg / STATS_FILE).read_bytes() == (run / STATS_FILE).read_bytes()
+    manifest = json.loads((pkg / MANIFEST_FILE).read_text())
+    assert manifest["feature_spec_sha256"] == meta["feature_spec_sha256"] and manifest["onnx_sha256"] == meta["onnx_sha256"]
+    assert manifest["copied_from"] == str((run / STATS_FILE).resolve())
+    assert main(["export", "verify", str(pkg)]) == 0
+    assert load_matt(pkg, TestTimeConfig(paths=2)).positive_rate > 0  # a MATT variant can load it
+
+    bad = bytearray((pkg / STATS_FILE).read_bytes())
+    bad[len(bad) // 2] ^= 0x01
+    (pkg / STATS_FILE).write_bytes(bytes(bad))
+    assert main(["export", "verify", str(pkg)]) == 1
+
+    # --stats none: the next version leaves them out, though the run has them.
+    assert main(["export", "--run", str(run), "--repo", str(repo), "--name", "m", "--stats", "none"]) == 0
+    assert not (repo / "m" / "2" / STATS_FILE).exists() and not (repo / "m" / "2" / MANIFEST_FILE).exists()
+
+
+def test_stats_build_counts_the_train_split_when_the_run_has_none(good: Path, tmp_path: Path, synth_dir: Path,
+                                                                 synth_spec: FeatureSpec, tiny_onnx: Path) -> None:
+    from export.cli import attach_stats
+    from testtime.stats import MANIFEST_FILE, STATS_FILE, ComboStats, StatsConfig
+
+    run = _stats_run(tmp_path / "run", synth_spec, synth_dir, with_stats=False)
+    # The default copies only: no file in the run, none in the package.
+    assert attach_stats(good, run)["status"] == "none" and not (good / STATS_FILE).exists()
+    done = attach_stats(good, run, "build", config=StatsConfig(width_log2=10))
+    assert done["status"] == "built" and done["from"].endswith("train.parquet")
+    stats = ComboStats.load(good / STATS_FILE, synth_spec)
+    assert stats.rows == len(pd.read_parquet(synth_dir / "train.parquet"))
+    meta = json.loads((good / "metadata.json").read_text())
+    assert json.loads((good / MANIFEST_FILE).read_text())["feature_spec_sha256"] == meta["feature_spec_sha256"]
+    verify_package(good)
+    assert attach_stats(good, run, "build")["status"] == "present"  # never rebuilt over a good file
+    # Without the run's data and without --stats-data, `build` says what to pass.
+    (run / "config.json").write_text("{}")
+    other = _publish(tmp_path / "models2", tiny_onnx, synth_spec).path
+    with pytest.raises(ValueError, match="--stats-data"):
+        attach_stats(other, run, "build")
+    assert attach_stats(other, run, "build", data=synth_dir, config=StatsConfig(width_log2=10))["status"] == "built"
+
+
+def test_a_runs_statistics_for_another_spec_are_not_copied(good: Path, tmp_path: Path, synth_dir: Path,
+                                                          synth_spec: FeatureSpec) -> None:
+    from export.cli import attach_stats
+    from testtime.stats import STATS_FILE
+
+    run = _stats_run(tmp_path / "run", _other_spec(synth_dir, synth_spec, keep_fields=False), synth_dir)
+    with pytest.raises(ValueError, match="cannot be used: statistics were built for another spec"):
+        attach_stats(good, run)
+    assert not (good / STATS_FILE).exists()
+    verify_package(good)  # the published package is untouched

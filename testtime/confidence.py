@@ -69,9 +69,12 @@ class ComboIndex:
                 m[c, combo] = True
             self.members[o] = m
 
-    def bounds(self, tokens: np.ndarray, orders: list[int] | None = None, need_upper: bool = True) -> dict[int, OrderBounds]:
+    def bounds(self, tokens: np.ndarray, orders: list[int] | None = None, need_upper: bool = True,
+               heavy_hitters: bool = True) -> dict[int, OrderBounds]:
         """Lower and upper bounds per order. `need_upper=False` skips the full-sketch estimate
-        of the light tail (its upper bound is then the residual estimate, still >= the count)."""
+        of the light tail (its upper bound is then the residual estimate, still >= the count).
+        `heavy_hitters=False` reads the count-min sketch alone, as if no summary had been kept
+        (the "heap off" ablation): upper = the plain estimate, lower = it minus epsilon * N."""
         tokens = np.asarray(tokens, dtype=np.int64)
         out: dict[int, OrderBounds] = {}
         singles = self.stats.singles[tokens + self.offsets]
@@ -83,6 +86,11 @@ class ComboIndex:
             keys = self.layouts[o].keys_t(columns)  # [C, B]
             cms, hh = self.stats.sketches[o], self.stats.heavy[o]
             cells = cms.cells(keys)
+            if not heavy_hitters:
+                upper = cms.estimate_cells(cells).reshape(keys.shape)
+                lower = np.maximum(upper - int(np.ceil(cms.epsilon * cms.total)), 0)
+                out[o] = self._capped(o, lower.T, upper.T, out)
+                continue
             resid = cms.estimate_cells(cells, self.residual[o]).reshape(keys.shape)
             pos = self.heavy_lookup[o](keys.reshape(-1)).reshape(keys.shape)
             found = pos >= 0
@@ -96,22 +104,24 @@ class ComboIndex:
                 full = cms.estimate_cells(cells).reshape(keys.shape) if need_upper else resid
                 lower = np.where(found, h_low, np.maximum(resid - int(np.ceil(self.light_error[o])), 0))
                 upper = np.where(found, h_up, full)
-            lower, upper = lower.T, upper.T  # [B, C]
-            # Hierarchical cap: by the order o-1 sub-combinations when counted, else by the singles.
-            prev = out.get(o - 1)
-            subs = self.sub_columns[o]
-            for k in range(o):
-                col = subs[:, k]
-                if prev is not None and (col >= 0).all():
-                    cap_low, cap_up = prev.lower[:, col], prev.upper[:, col]
-                else:
-                    fields = np.array([[x for x in combo if x != combo[k]] for combo in self.layouts[o].combos.tolist()])
-                    cap_low = out[1].lower[:, fields].min(axis=2)
-                    cap_up = out[1].upper[:, fields].min(axis=2)
-                lower = np.minimum(lower, cap_low)
-                upper = np.minimum(upper, cap_up)
-            out[o] = OrderBounds(lower, upper)
+            out[o] = self._capped(o, lower.T, upper.T, out)  # [B, C]
         return out
+
+    def _capped(self, o: int, lower: np.ndarray, upper: np.ndarray, out: dict[int, OrderBounds]) -> OrderBounds:
+        """Hierarchical cap: by the order o-1 sub-combinations when counted, else by the singles."""
+        prev = out.get(o - 1)
+        subs = self.sub_columns[o]
+        for k in range(o):
+            col = subs[:, k]
+            if prev is not None and (col >= 0).all():
+                cap_low, cap_up = prev.lower[:, col], prev.upper[:, col]
+            else:
+                fields = np.array([[x for x in combo if x != combo[k]] for combo in self.layouts[o].combos.tolist()])
+                cap_low = out[1].lower[:, fields].min(axis=2)
+                cap_up = out[1].upper[:, fields].min(axis=2)
+            lower = np.minimum(lower, cap_low)
+            upper = np.minimum(upper, cap_up)
+        return OrderBounds(lower, upper)
 
     def field_confidence(
         self,
@@ -120,10 +130,11 @@ class ComboIndex:
         orders: list[int],
         frequency: Literal["lower", "upper"] = "lower",
         agg: Literal["mean", "min"] = "mean",
+        heavy_hitters: bool = True,
     ) -> np.ndarray:
         """Confidence [B, F] in [0, 1]: f / (f + kappa_o) of every counted combination holding
         the field, pooled over the orders used by mean or min."""
-        b = self.bounds(tokens, orders, need_upper=frequency == "upper")
+        b = self.bounds(tokens, orders, need_upper=frequency == "upper", heavy_hitters=heavy_hitters)
         n = len(tokens)
         if agg == "mean":
             total = np.zeros((n, self.num_fields))

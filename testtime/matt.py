@@ -39,6 +39,7 @@ class TestTimeConfig(BaseModel):
                                description="f/(f+kappa) per order (1, 2, 3); one value for all orders also works")
     orders: list[int] = Field(default_factory=lambda: [1, 2, 3])
     frequency: Literal["lower", "upper"] = "upper"
+    heavy_hitters: bool = Field(True, description="read the heavy-hitter summary; False: the count-min sketch alone (ablation)")
     field_agg: Literal["mean", "min"] = "mean"
     keep_above: float = Field(0.95, ge=0.0, le=1.0, description="fields this confident are never replaced")
     sampling: Literal["confidence", "uniform"] = "confidence"
@@ -142,7 +143,7 @@ class MattScorer:
 
     def confidence(self, tokens: np.ndarray) -> np.ndarray:
         c = self.config
-        return self.index.field_confidence(tokens, c.kappa, c.orders, c.frequency, c.field_agg)
+        return self.index.field_confidence(tokens, c.kappa, c.orders, c.frequency, c.field_agg, c.heavy_hitters)
 
     def select(self, tokens: np.ndarray, conf: np.ndarray | None, plain: np.ndarray | None) -> np.ndarray:
         """Rows that take extra paths. `conf` may be None when the confidence criterion is off."""
