@@ -31,7 +31,10 @@ class DGenCTRConfig:
     attn_dropout: float = 0.0
     embedding_dim: int = 0  # 0: same as d_model; otherwise projected to d_model
     # Label head input: "label" reads the label token's state only; "concat" reads every
-    # token's state (label + fields), a wider view for the CTR head.
+    # token's state (label + fields), a wider view for the CTR head; "concat_embed" reads
+    # "concat" plus the encoder's field inputs (layer-normed value embeddings, [MASK] where
+    # masked), so the head holds the DNN's input path and the encoder can only add to it
+    # (issue #22 item 5: DGenCTR trailed the DNN on MovieLens-100k).
     readout: str = "concat"
     # 0: a linear label head; n > 0: one GELU hidden layer of width n; a list: a DNN-style
     # Linear-[BN]-ReLU tower of those widths (the baselines' head, so the encoder's features
@@ -78,11 +81,14 @@ class Block(nn.Module):
         return x + self.drop(self.ffn(self.ln2(x)))
 
 
+READOUTS = ("label", "concat", "concat_embed")
+
+
 class DGenCTR(nn.Module):
     def __init__(self, vocab_sizes: Sequence[int], cfg: DGenCTRConfig) -> None:
         super().__init__()
-        if cfg.readout not in ("label", "concat"):
-            raise ValueError(f"readout must be 'label' or 'concat', got '{cfg.readout}'")
+        if cfg.readout not in READOUTS:
+            raise ValueError(f"readout must be one of {', '.join(READOUTS)}, got '{cfg.readout}'")
         if cfg.generator not in ("linear", "mlp"):
             raise ValueError(f"generator must be 'linear' or 'mlp', got '{cfg.generator}'")
         self.cfg = cfg
@@ -99,13 +105,16 @@ class DGenCTR(nn.Module):
         self.in_drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.ffn_mult, cfg.dropout, cfg.attn_dropout) for _ in range(cfg.layers))
         self.ln_f = nn.LayerNorm(d)
+        # The value embeddings start at std 0.02 against the states' unit scale (and embedding_l2
+        # keeps them small): without a norm the head would barely hear the skip path.
+        self.skip_norm = nn.LayerNorm(d) if cfg.readout == "concat_embed" else None
         # Generator heads G_k, one per field, batched as [F, d, e] so all fields run in one einsum.
         if cfg.generator == "mlp":
             self.gen_w1 = nn.Parameter(torch.randn(n, d, d) / math.sqrt(d))
             self.gen_b1 = nn.Parameter(torch.zeros(n, d))
         self.gen_w = nn.Parameter(torch.randn(n, d, e) / math.sqrt(d))
         self.gen_b = nn.Parameter(torch.zeros(n, e))
-        head_in = d if cfg.readout == "label" else d * (n + 1)
+        head_in = {"label": d, "concat": d * (n + 1), "concat_embed": d * (2 * n + 1)}[cfg.readout]
         head_dropout = cfg.dropout if cfg.head_dropout is None else cfg.head_dropout
         if isinstance(cfg.head_hidden, (list, tuple)):
             self.label_head: nn.Module = mlp([head_in, *cfg.head_hidden], head_dropout, cfg.head_batch_norm, out_dim=1)
@@ -118,10 +127,14 @@ class DGenCTR(nn.Module):
 
     # ------------------------------------------------------------------ pieces
     def hidden(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Denoiser states [B, F+1, d].
+        """Denoiser states [B, F+1, d] (fields, then the label).
 
         `mask` [B, F+1] marks the [MASK]ed elements (stage 1). Without a mask only the label is
-        masked (stage 2 and scoring), and `labels` is not needed.
+        masked (stage 2 and scoring), and `labels` is not needed. With readout "concat_embed"
+        the F encoder inputs of the fields follow as rows F+1 .. 2F ([B, 2F+1, d]): the skip
+        path then travels with the states, so every caller that hands `encode`'s output to
+        `label_logit` (stage 1, the joint stage 2, SGCTR's `Refiner` on re-defined embeddings)
+        gets it without knowing about it, and `generate` still reads rows 0 .. F-1.
         """
         return self.encode(self.embedding(tokens), labels, mask)
 
@@ -142,13 +155,16 @@ class DGenCTR(nn.Module):
             x = torch.cat([x_fields, self.label_embedding(labels.long()).unsqueeze(1)], dim=1)
             x = torch.where(mask.unsqueeze(-1), self.mask_embedding.unsqueeze(0).expand_as(x), x)
             masked_frac = mask.to(x.dtype).mean(dim=1, keepdim=True)
+        skip = x[:, : self.num_fields]  # what the encoder was given: values, or [MASK] where masked
         x = x + self.field_id
         if self.time is not None:
             x = x + self.time(masked_frac).unsqueeze(1)
         x = self.in_drop(x)
         for block in self.blocks:
             x = block(x)
-        return self.ln_f(x)
+        if self.skip_norm is None:
+            return self.ln_f(x)
+        return torch.cat([self.ln_f(x), self.skip_norm(skip)], dim=1)
 
     def label_logit(self, h: torch.Tensor) -> torch.Tensor:
         z = h[:, -1] if self.cfg.readout == "label" else h.flatten(1)

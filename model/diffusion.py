@@ -5,19 +5,36 @@ probability lambda(t); at least one element is always masked, so every sample te
 something. The denoiser restores masked fields with a sampled softmax over in-batch
 candidates (cosine similarity / tau, duplicates of the true value removed from the
 negatives) and a masked label with cross-entropy. Everything is averaged over masked elements.
+
+With `field_weighting: learned` each element kind k (every field, and the label) carries a
+learned log-variance s_k and contributes exp(-s_k) * loss + s_k per masked element (Kendall et
+al.'s uncertainty weighting, as HeteGenCTR weighs fields by learned difficulty): a field that
+cannot be restored from the others (a user id among thousands) stops dominating the sum
+against fields that can. The s_k are stage 1's alone (see `LOG_VARIANCE`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.dgenctr import DGenCTR
+from model.logs import kv
 from model.spec import MASK_ID, PAD_ID
+from model.transfer import STAGE_ONE_ONLY
+
+log = logging.getLogger(__name__)
+
+# The learned per-field log-variances live on the network under this name, so that a caller that
+# optimises `model.parameters()` (the pipeline's stage 1) trains them with everything else.
+# `model.transfer` drops every STAGE_ONE_ONLY name, so stage 2 and export never see them.
+LOG_VARIANCE = f"{STAGE_ONE_ONLY}field_log_variance"
 
 
 @dataclass
@@ -34,6 +51,9 @@ class PretrainConfig:
     mask_label: bool = True  # False: the label is never masked (ablation "no label in pre-training")
     label_weight: float = 1.0  # weight of the masked-label cross-entropy against a field's loss
     min_t: float = 0.0  # lower bound of t, to skip nearly-unmasked samples if wanted
+    # "learned": a log-variance s_k per field and for the label, loss exp(-s_k) L_k + s_k
+    # (module docstring). "none": every masked element weighs alike (label_weight aside).
+    field_weighting: Literal["none", "learned"] = "none"
 
 
 def mask_prob(t: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
@@ -72,7 +92,8 @@ def sample_mask(
 
 
 def sampled_softmax_loss(
-    gen: torch.Tensor, cand: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, tau: float, num_negatives: int
+    gen: torch.Tensor, cand: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, tau: float, num_negatives: int,
+    per_field: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-element losses for masked feature fields.
 
@@ -80,8 +101,9 @@ def sampled_softmax_loss(
     mask [B, F]. The negatives of row b, field k are the first K rows' values of field k,
     minus any equal to row b's true value (which also drops the row itself).
 
-    Returns (loss_sum, correct [F], masked [F]): the summed loss over masked elements and,
-    per field, how many masked elements ranked the true value first.
+    Returns (loss_sum, correct [F], masked [F]): the summed loss over masked elements (per
+    field, [F], with `per_field`) and, per field, how many masked elements ranked the true
+    value first.
     """
     g = F.normalize(gen, dim=-1)
     c = F.normalize(cand, dim=-1)
@@ -93,7 +115,7 @@ def sampled_softmax_loss(
     logits = torch.cat([pos.unsqueeze(-1), neg], dim=-1)
     per_elem = torch.logsumexp(logits, dim=-1) - pos  # [B, F]
     maskf = mask.to(per_elem.dtype)
-    loss_sum = (per_elem * maskf).sum()
+    loss_sum = (per_elem * maskf).sum(0) if per_field else (per_elem * maskf).sum()
     with torch.no_grad():
         correct = ((pos > neg.max(dim=-1).values) & mask).sum(0).float()
         masked = mask.sum(0).float()
@@ -101,15 +123,15 @@ def sampled_softmax_loss(
 
 
 def field_reconstruction(
-    model: DGenCTR, h: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, cfg: PretrainConfig
+    model: DGenCTR, h: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, cfg: PretrainConfig, per_field: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The masked fields' sampled-softmax terms: (loss_sum, correct [F], masked [F], field_mask [B, F])."""
+    """The masked fields' sampled-softmax terms: (loss_sum ([F] with `per_field`), correct [F], masked [F], field_mask [B, F])."""
     f = tokens.shape[1]
     # PAD/MASK never appear as real values; OOV does and is a legitimate target.
     field_mask = mask[:, :f] & (tokens != PAD_ID) & (tokens != MASK_ID)
     gen = model.generate(h)
     cand = model.embedding(tokens)
-    loss_sum, correct, masked = sampled_softmax_loss(gen, cand, tokens, field_mask, cfg.tau, cfg.num_negatives)
+    loss_sum, correct, masked = sampled_softmax_loss(gen, cand, tokens, field_mask, cfg.tau, cfg.num_negatives, per_field)
     return loss_sum, correct, masked, field_mask
 
 
@@ -122,22 +144,34 @@ class PretrainObjective(nn.Module):
 
     def __init__(self, model: DGenCTR, cfg: PretrainConfig, seed: int) -> None:
         super().__init__()
+        if cfg.field_weighting not in ("none", "learned"):
+            raise ValueError(f"field_weighting must be 'none' or 'learned', got '{cfg.field_weighting}'")
         self.model = model
         self.cfg = cfg
         self.generator = torch.Generator().manual_seed(seed)
+        if cfg.field_weighting == "learned" and learned_log_variance(model) is None:
+            # s_k = 0: every weight starts at 1, the unweighted loss.
+            model.register_parameter(LOG_VARIANCE, nn.Parameter(torch.zeros(model.num_fields + 1, device=model.field_id.device)))
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         b, f = tokens.shape
+        learned = self.cfg.field_weighting == "learned"
         mask = sample_mask(b, f, self.cfg.schedule, self.cfg.mask_label, self.generator, self.cfg.min_t, tokens.device)
         h = self.model.hidden(tokens, labels, mask)
-        feat_sum, correct, masked, field_mask = field_reconstruction(self.model, h, tokens, mask, self.cfg)
+        feat_sum, correct, masked, field_mask = field_reconstruction(self.model, h, tokens, mask, self.cfg, per_field=learned)
         label_mask = mask[:, f]
         logit = self.model.label_logit(h)
         label_ce = F.binary_cross_entropy_with_logits(logit, labels, reduction="none")
         lm = label_mask.to(label_ce.dtype)
         label_sum = (label_ce * lm).sum()
         n_masked = field_mask.sum() + label_mask.sum()
-        loss = (feat_sum + self.cfg.label_weight * label_sum) / n_masked.clamp(min=1)
+        if learned:
+            s = getattr(self.model, LOG_VARIANCE)
+            sums = torch.cat([feat_sum, (self.cfg.label_weight * label_sum).view(1)])
+            counts = torch.cat([field_mask.sum(0), label_mask.sum().view(1)]).to(sums.dtype)
+            loss = (torch.exp(-s) * sums + s * counts).sum() / n_masked.clamp(min=1)
+        else:
+            loss = (feat_sum + self.cfg.label_weight * label_sum) / n_masked.clamp(min=1)
         with torch.no_grad():
             label_correct = (((logit > 0).to(labels.dtype) == labels) & label_mask).sum().float()
         stats = {
@@ -194,6 +228,11 @@ class FineTuneObjective(nn.Module):
         return bce + self.weight * aux, {"bce": bce.detach(), "aux": aux.detach()}
 
 
+def learned_log_variance(model: nn.Module) -> torch.Tensor | None:
+    """The stage-1 log-variances s_k [F+1] (fields, then the label), or None when not learned."""
+    return getattr(model, LOG_VARIANCE, None)
+
+
 @torch.no_grad()
 def reconstruction_report(
     model: DGenCTR, tokens: torch.Tensor, labels: torch.Tensor, field_names: list[str], schedule: str = "linear", seed: int = 0
@@ -201,7 +240,9 @@ def reconstruction_report(
     """Full-vocabulary top-1 accuracy of each masked field (and the label) on held-out rows.
 
     Beside each accuracy sits the accuracy of always guessing the field's most frequent value
-    in these rows, so a reader sees how much the generator learned beyond the marginal.
+    in these rows, so a reader sees how much the generator learned beyond the marginal. After a
+    stage 1 with learned field weighting, each entry also holds its `log_variance` s_k and
+    `weight` exp(-s_k), and the weights are logged (this report is what ends stage 1).
     """
     was = model.training
     model.eval()
@@ -229,5 +270,11 @@ def reconstruction_report(
         truth = labels[rows]
         majority = max(truth.mean().item(), 1 - truth.mean().item())
         report["label"] = {"accuracy": (pred == truth).float().mean().item(), "majority": majority, "masked": int(rows.sum())}
+    s = learned_log_variance(model)
+    if s is not None:
+        for name, s_k in zip([*field_names, "label"], s.tolist()):
+            if name in report:
+                report[name].update(log_variance=s_k, weight=math.exp(-s_k))
+            log.info("stage1_field_weight %s", kv(field=name, log_variance=round(s_k, 4), weight=round(math.exp(-s_k), 4)))
     model.train(was)
     return report

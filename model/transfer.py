@@ -12,6 +12,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+# Tensors a stage-1 network may carry that belong to its objective, not to the scorer (the
+# learned field weights of `model.diffusion`): never transferred, so never trained or exported.
+STAGE_ONE_ONLY = "stage1_"
+
 # `RunConfig.pretrain_mode` -> what `transfer` copies ("none" transfers nothing).
 MODE_OF_PRETRAIN = {"full": "all", "body": "body", "embedding": "embedding"}
 
@@ -28,8 +32,10 @@ def transfer(pretrained: dict[str, torch.Tensor], target: nn.Module, mode: str =
     "all" copies every tensor (and insists the two networks match exactly); "body" copies all
     but the label head, whose stage-1 job (a click read off states with half the fields
     masked) differs from stage 2's; "embedding" copies only the value-embedding table (the
-    embedding-only transfer ablation).
+    embedding-only transfer ablation). Names starting with STAGE_ONE_ONLY are left behind in
+    every mode.
     """
+    pretrained = {k: v for k, v in pretrained.items() if not k.startswith(STAGE_ONE_ONLY)}
     if mode == "all":
         target.load_state_dict(pretrained, strict=True)
         return sorted(pretrained)

@@ -171,3 +171,78 @@ def test_joint_objective_adds_field_reconstruction_but_keeps_the_label_head_on_t
     bce_grads = torch.autograd.grad(bce, head)
     assert all(torch.allclose(j, b, atol=1e-6) for j, b in zip(joint_grads, bce_grads))
     assert joint_grads[-1] is not None and joint_grads[-1].abs().sum() > 0
+
+
+def test_learned_field_weighting_is_kendalls_uncertainty_loss_over_masked_elements():
+    """Why: with `field_weighting: learned` each field k and the label must add exp(-s_k) L_k + s_k
+    per masked element (averaged over masked elements as before), and s_k must be trainable by an
+    optimiser that only sees `model.parameters()` (the pipeline's stage 1)."""
+    from model.diffusion import LOG_VARIANCE, learned_log_variance
+
+    tokens = torch.randint(3, 12, (64, 3))
+    labels = (torch.rand(64) < 0.3).float()
+    plain_model = _tiny(0)
+    plain, _ = PretrainObjective(plain_model, PretrainConfig(num_negatives=8), seed=4)(tokens, labels)
+    assert learned_log_variance(plain_model) is None  # off by default: nothing new on the network
+
+    model = _tiny(0)
+    obj = PretrainObjective(model, PretrainConfig(num_negatives=8, field_weighting="learned"), seed=4)
+    s = learned_log_variance(model)
+    assert s is not None and s.shape == (4,) and any(p is s for p in model.parameters())
+    at_zero, _ = obj(tokens, labels)  # s = 0: weights 1, the unweighted loss
+    assert torch.isclose(at_zero, plain, atol=1e-5)
+
+    with torch.no_grad():
+        s.copy_(torch.tensor([0.5, -1.0, 2.0, 0.3]))
+    obj.generator.manual_seed(4)  # replay the same mask
+    loss, _ = obj(tokens, labels)
+    mask = sample_mask(64, 3, "linear", True, torch.Generator().manual_seed(4))
+    h = model.hidden(tokens, labels, mask)
+    gen, cand = F.normalize(model.generate(h), dim=-1), F.normalize(model.embedding(tokens), dim=-1)
+    terms = []
+    for k in range(3):  # each field's masked elements by hand: sampled softmax over the first 8 rows
+        for b in mask[:, k].nonzero().flatten().tolist():
+            neg = [c for c in range(8) if tokens[c, k] != tokens[b, k]]
+            logits = torch.stack([gen[b, k] @ cand[b, k]] + [gen[b, k] @ cand[c, k] for c in neg]) / 0.1
+            terms.append(math.exp(-s[k].item()) * (torch.logsumexp(logits, 0) - logits[0]) + s[k].item())
+    ce = F.binary_cross_entropy_with_logits(model.label_logit(h), labels, reduction="none")
+    terms += [math.exp(-s[3].item()) * ce[b] + s[3].item() for b in mask[:, 3].nonzero().flatten().tolist()]
+    assert torch.isclose(loss, torch.stack(terms).mean(), atol=1e-4)
+    (grad,) = torch.autograd.grad(loss, s)
+    assert grad.abs().gt(0).all()
+
+    # Stage 1 only: transfer leaves s behind, so the scorer (and its export) never carries it.
+    fine = _tiny(1)
+    copied = transfer(model.state_dict(), fine, "all")
+    assert LOG_VARIANCE in model.state_dict() and LOG_VARIANCE not in copied and LOG_VARIANCE not in fine.state_dict()
+    assert LOG_VARIANCE not in transfer(model.state_dict(), _tiny(1), "body")
+    with pytest.raises(ValueError, match="field_weighting"):
+        PretrainObjective(_tiny(0), PretrainConfig(field_weighting="fixed"), seed=0)
+
+
+def test_learned_field_weights_train_in_stage_one_and_are_logged(tmp_path, synth_dir, caplog):
+    """Why: the options must reach a real run: both in the resolved config.json, s_k moved by
+    stage 1 and reported at its end (log and metrics.json), absent from the scorer's weights."""
+    import json
+    import logging
+
+    from safetensors.torch import load_file
+
+    from ctr.cli import main
+    from model.diffusion import LOG_VARIANCE
+
+    out = tmp_path / "run"
+    argv = ["train", "--config", "synthetic/dgenctr", "--data", str(synth_dir), "--out", str(out), "--seed", "2",
+            "--threads", "1", "--no-progress", "--max-rows", "2000", "--set", "train.max_steps_per_epoch=3",
+            "--set", "train.epochs=1", "--set", "pretrain.epochs=1", "--set", "model={d_model: 16, layers: 1, heads: 2}",
+            "--set", "train.batch_size=256", "--set", "pretrain.batch_size=256", "--set", "pretrain.num_negatives=64",
+            "--set", "model.readout=concat_embed", "--set", "pretrain.field_weighting=learned", "--set", "pretrain_mode=full"]
+    with caplog.at_level(logging.INFO, logger="model.diffusion"):
+        assert main(argv) == 0
+    run = json.loads((out / "config.json").read_text())["run"]
+    assert run["model"]["readout"] == "concat_embed" and run["pretrain"]["field_weighting"] == "learned"
+    report = json.loads((out / "metrics.json").read_text())["pretrain"]["valid_reconstruction"]
+    weights = [r["weight"] for r in report.values()]
+    assert weights and all(w > 0 for w in weights) and any(abs(w - 1) > 1e-4 for w in weights)
+    assert sum("stage1_field_weight" in r.getMessage() for r in caplog.records) == len(load_file(out / "pretrained.safetensors")[LOG_VARIANCE])
+    assert LOG_VARIANCE not in load_file(out / "model.safetensors")

@@ -103,3 +103,67 @@ def test_metrics_by_hand():
     assert gauc(y, p, g) == pytest.approx((2 * 1.0 + 2 * 0.0) / 4)
     assert calibration(y, p) == pytest.approx(np.mean(p) / np.mean(y))
     assert m["logloss"] > 0
+
+
+def _concat_embed(vocab, d: int = 16) -> torch.nn.Module:
+    torch.manual_seed(3)
+    cfg = model_config("dgenctr", {"d_model": d, "heads": 2, "layers": 1, "readout": "concat_embed", "head_hidden": 8})
+    return build_model("dgenctr", cfg, vocab).eval()
+
+
+@torch.no_grad()
+def test_dgenctr_concat_embed_head_reads_the_field_embeddings_beside_the_states():
+    """Why: the skip readout must put the DNN's input path (each field's value embedding) into the
+    label head, with the [MASK] embedding where stage 1 masked a field (no masked value leaks in)."""
+    model = _concat_embed(VOCAB)
+    f, d = len(VOCAB), 16
+    assert model.label_head[0].in_features == d * (2 * f + 1)
+    tokens = torch.stack([torch.randint(3, v, (6,)) for v in VOCAB], dim=1)
+    h = model.hidden(tokens)
+    assert h.shape == (6, 2 * f + 1, d)
+    assert torch.allclose(h[:, f + 1 :], model.skip_norm(model.embedding(tokens)), atol=1e-6)
+    assert torch.allclose(model(tokens), model.label_head(h.flatten(1)).squeeze(-1), atol=1e-6)
+    # The head hears the skip: changing one field's embedding row moves the score even with the
+    # encoder's states held fixed.
+    states = h[:, : f + 1]
+    other = model.hidden(tokens.roll(1, dims=0))[:, f + 1 :]
+    assert not torch.allclose(model.label_logit(torch.cat([states, other], 1)), model(tokens))
+    # Stage 1's view: a masked field's skip row is its [MASK] embedding, the value never enters.
+    mask = torch.zeros(6, f + 1, dtype=torch.bool)
+    mask[:, 1] = True
+    hm = model.hidden(tokens, torch.zeros(6), mask)
+    assert torch.allclose(hm[:, f + 1 + 1], model.skip_norm(model.mask_embedding[1]).expand(6, d), atol=1e-6)
+    assert model.generate(hm).shape == (6, f, d)
+
+
+@torch.no_grad()
+def test_dgenctr_concat_embed_refines_through_the_skip_path():
+    """Why: SGCTR's Refiner scores re-defined embeddings via encode -> label_logit; with the skip
+    readout the re-defined values must reach the head, and zero passes must stay the plain model."""
+    from model.refine import Refiner
+    from testtime.sgctr import SgctrConfig
+
+    model = _concat_embed(VOCAB)
+    names = [f"f{i}" for i in range(len(VOCAB))]
+    tokens = torch.stack([torch.randint(3, v, (20,)) for v in VOCAB], dim=1)
+    assert torch.equal(Refiner(model, SgctrConfig(passes=0), names)(tokens), model(tokens))
+    ref = Refiner(model, SgctrConfig(passes=1, ratio=1.0, weight="zero"), names)
+    v = ref.refine_values(tokens)
+    assert torch.allclose(ref(tokens), model.label_logit(model.encode(v)))
+    assert not torch.allclose(ref(tokens), model(tokens))
+
+
+def test_dgenctr_concat_embed_exports_with_the_same_interface_and_parity(synth_spec, tmp_path):
+    """Why: the skip readout must not change the served graph's contract (int64 tokens in, one
+    probability per row out) and must export at the exporter's fp32 parity."""
+    from export.onnx_export import export_model
+    from export.parity import check_parity
+
+    model = _concat_embed(synth_spec.vocab_sizes)
+    pkg = export_model(model, synth_spec, tmp_path, "skip", model_type="dgenctr", metrics={"valid": {"auc": 0.5}},
+                       config={"data": {"fingerprint": "abc"}})
+    meta = pkg.metadata
+    assert meta["inputs"][0]["name"] == "tokens" and meta["inputs"][0]["shape"][1] == synth_spec.num_fields
+    assert [o["name"] for o in meta["outputs"]] == ["probability"] and meta["parity"]["ok"]
+    report = check_parity(model, pkg.onnx_path, synth_spec, atol=1e-5, seed=7)
+    assert report.ok and report.max_abs_diff <= 1e-5
