@@ -16,9 +16,9 @@ from __future__ import annotations
 import contextvars
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -28,6 +28,7 @@ from pydantic_settings import (
 )
 
 from testtime.matt import TestTimeConfig
+from testtime.sgctr import SgctrConfig
 
 ADMIN_TOKEN_ENV = "CTR_ADMIN_TOKEN"
 ENV_PREFIX = "CTR_"
@@ -47,6 +48,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# A variant's `test_time:` block, by its `method`: MATT (also `none`, and the default when no
+# method is given, as before SGCTR existed) or SGCTR. The tag is pydantic's error location
+# (`variants.0.test_time.sgctr.pases`); describe_errors drops it, so a typo reads as the key.
+_TEST_TIME_MODELS: dict[str, type[BaseModel]] = {"matt": TestTimeConfig, "sgctr": SgctrConfig}
+
+
+def _test_time_method(v: Any) -> str | None:
+    method = v.get("method", "matt") if isinstance(v, dict) else getattr(v, "method", None)
+    if method in ("matt", "none"):
+        return "matt"
+    return "sgctr" if method == "sgctr" else None
+
+
+TestTimeSetting = Annotated[
+    Union[Annotated[TestTimeConfig, Tag("matt")], Annotated[SgctrConfig, Tag("sgctr")]],
+    Discriminator(_test_time_method, custom_error_type="test_time_method",
+                  custom_error_message="test_time.method must be one of none, matt, sgctr"),
+]
+
+
 class VariantConfig(_Strict):
     """One A/B arm: a model name in the repository, a version (or "latest") and a weight."""
 
@@ -54,10 +75,11 @@ class VariantConfig(_Strict):
     model: str
     version: int | Literal["latest"] = "latest"
     weight: float = Field(1.0, ge=0)
-    # Test-time paths (docs/test-time.md): `{method: matt, paths: 4, trigger: uncertain}`.
-    # None scores plain. Two variants of one model version, one with and one without, make
-    # an A/B test of MATT itself.
-    test_time: TestTimeConfig | None = None
+    # Test-time paths (docs/test-time.md): `{method: matt, paths: 4, trigger: uncertain}`, or
+    # SGCTR's refinement graph (docs/sgctr.md): `{method: sgctr, passes: 1}`. None scores
+    # plain. Two variants of one model version, one with and one without, make an A/B test
+    # of the method itself.
+    test_time: TestTimeSetting | None = None
 
 
 class BatcherConfig(_Strict):
@@ -268,14 +290,21 @@ def _check_environment() -> None:
 
 def _model_at(path: list[str]) -> type[BaseModel]:
     """The settings model a key path leads to (list indices skipped): `variants.0.test_time`
-    is TestTimeConfig, so an unknown key there lists that section's keys."""
+    is TestTimeConfig, so an unknown key there lists that section's keys (`variants.0.test_time.sgctr`,
+    the union's tag, is SgctrConfig)."""
     model: type[BaseModel] = ServiceConfig
-    for key in path:
+    for i, key in enumerate(path):
         if key.isdigit():
+            continue
+        if i and path[i - 1] == "test_time" and key in _TEST_TIME_MODELS:
+            model = _TEST_TIME_MODELS[key]
             continue
         f = model.model_fields.get(key)
         if f is None:
             break
+        if key == "test_time":
+            model = TestTimeConfig  # the union's tag, next in the path, may say SGCTR
+            continue
         inner = [u for t in (f.annotation, *getattr(f.annotation, "__args__", ()))
                  for u in (t, *getattr(t, "__args__", ())) if isinstance(u, type) and issubclass(u, BaseModel)]
         if not inner:
@@ -284,15 +313,21 @@ def _model_at(path: list[str]) -> type[BaseModel]:
     return model
 
 
+def _without_tags(loc: list[str]) -> list[str]:
+    """The key path a user wrote: the test_time union's tag (`matt`, `sgctr`) left out."""
+    return [k for i, k in enumerate(loc) if not (i and loc[i - 1] == "test_time" and k in _TEST_TIME_MODELS)]
+
+
 def describe_errors(exc: ValidationError, path: Path | None = None) -> str:
     """One line: every bad key with its problem; unknown keys list the valid ones."""
     parts = []
     for e in exc.errors(include_url=False, include_input=False):
-        loc = [str(x) for x in e["loc"]]
+        raw = [str(x) for x in e["loc"]]
+        loc = _without_tags(raw)
         where = ".".join(loc) or "settings"
         if e["type"] == "extra_forbidden":
             parent = loc[:-1]
-            parent_model = _model_at(parent)
+            parent_model = _model_at(raw[:-1])
             scope = f"under '{'.'.join(parent)}'" if parent else "at the top level"
             parts.append(f"unknown key '{where}' (valid keys {scope}: {', '.join(parent_model.model_fields)})")
         else:

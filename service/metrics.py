@@ -99,6 +99,13 @@ class Metrics:
         self.test_time_extra_rows = Counter(
             "ctr_test_time_extra_rows_total", "extra model rows scored for test-time paths", ["variant", "method"], registry=r
         )
+        # Model passes per row a test-time method costs, whether as extra batch rows (MATT: the
+        # plain row plus its paths) or inside one graph (SGCTR: R * groups + 1 denoiser runs for
+        # score=sweep, R + 1 for rotate). Extra model work per row = model_passes / rows - 1.
+        self.test_time_model_passes = Counter(
+            "ctr_test_time_model_passes_total", "model (denoiser) passes run for rows of a variant with test-time paths",
+            ["variant", "method"], registry=r
+        )
         self.model_info = _InfoGauge(
             "ctr_model_info", "the model version serving each variant", ["name", "version", "variant", "provider"], registry=r,
             multiprocess_mode="livemax",

@@ -23,6 +23,7 @@ import logging
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -34,7 +35,7 @@ from service.metrics import Metrics
 from service.package import Package, PackageRefused, latest_version, list_versions, load_package
 from service.providers import choose_providers
 from service.scorer import Scorer
-from service.test_time import TestTimePath, TestTimeRefused, build_test_time
+from service.test_time import SgctrPath, TestTimePath, TestTimeRefused, build_test_time
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,9 @@ class LoadedModel:
     encoder: RequestEncoder  # this version's own (its item token cache dies with it)
     scorer: Scorer
     batcher: Batcher
-    test_time: TestTimePath | None = None  # this variant's MATT paths (service/test_time.py)
+    # This variant's MATT paths or SGCTR refinement graph (service/test_time.py); with SGCTR
+    # the batcher runs test_time.runner, not `scorer` (which stays the version's plain session).
+    test_time: TestTimePath | SgctrPath | None = None
 
     @property
     def name(self) -> str:
@@ -117,7 +120,7 @@ class Registry:
     # Versions chosen at construction, and their opened packages and sessions, which the first
     # load reuses instead of opening them twice.
     _chosen: dict[str, int] = field(default_factory=dict)
-    _opened: dict[tuple[str, str, int], tuple[Package, Scorer, TestTimePath | None]] = field(default_factory=dict)
+    _opened: dict[tuple[str, str, int], tuple[Package, Scorer, TestTimePath | SgctrPath | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.load_failures = self.metrics.load_failures
@@ -167,7 +170,7 @@ class Registry:
                 return pkg, scorer
         return None
 
-    def _open(self, vc: VariantConfig, version: int) -> tuple[Package, Scorer, TestTimePath | None]:
+    def _open(self, vc: VariantConfig, version: int) -> tuple[Package, Scorer, TestTimePath | SgctrPath | None]:
         """Blocking: verify the package, open (or share) its onnxruntime session (no warm-up)
         and build the variant's test-time paths."""
         shared = self._shared(vc.model, version)
@@ -175,12 +178,8 @@ class Registry:
             pkg, scorer = shared
             return pkg, scorer, self._test_time(vc, pkg)
         pkg = load_package(self.cfg.repo, vc.model, version)
-        sc = self.cfg.scorer
-        buckets = sorted(set(sc.buckets) | {self.cfg.batcher.max_batch_rows})
         try:
-            # Only providers that can load here: no CUDA error on a CPU host (service/providers.py).
-            scorer = Scorer(pkg.onnx_path, choose_providers(sc.providers), sc.intra_op_threads, sc.inter_op_threads, buckets, pkg.input_name, pkg.output_name,
-                            pad=sc.pad_to_buckets)
+            scorer = self._session(pkg.onnx_path, pkg)
             if scorer.num_fields is not None and scorer.num_fields != pkg.spec.num_fields:
                 raise PackageRefused(f"model takes {scorer.num_fields} fields, spec has {pkg.spec.num_fields}")
         except PackageRefused:
@@ -189,9 +188,18 @@ class Registry:
             raise PackageRefused(f"{vc.model}/{version}: {exc}") from exc
         return pkg, scorer, self._test_time(vc, pkg)
 
-    def _test_time(self, vc: VariantConfig, pkg: Package) -> TestTimePath | None:
+    def _session(self, path: str | Path, pkg: Package) -> Scorer:
+        """An onnxruntime session on one of the package's graphs (model.onnx, or an SGCTR
+        refinement graph), with the service's threads, providers and buckets."""
+        sc = self.cfg.scorer
+        buckets = sorted(set(sc.buckets) | {self.cfg.batcher.max_batch_rows})
+        # Only providers that can load here: no CUDA error on a CPU host (service/providers.py).
+        return Scorer(path, choose_providers(sc.providers), sc.intra_op_threads, sc.inter_op_threads, buckets, pkg.input_name, pkg.output_name,
+                      pad=sc.pad_to_buckets)
+
+    def _test_time(self, vc: VariantConfig, pkg: Package) -> TestTimePath | SgctrPath | None:
         try:
-            return build_test_time(vc.test_time, pkg.path, pkg.metadata, pkg.spec)
+            return build_test_time(vc.test_time, pkg.path, pkg.metadata, pkg.spec, open_graph=lambda path: self._session(path, pkg))
         except TestTimeRefused as exc:
             raise PackageRefused(f"{vc.model}/{pkg.version}: {exc}") from exc
 
@@ -227,15 +235,19 @@ class Registry:
         """Blocking: verify, open the session and warm every bucket (runs in a thread)."""
         opened = self._opened.pop((vc.name, vc.model, version), None)
         pkg, scorer, test_time = opened if opened is not None else self._open(vc, version)
+        # An SGCTR variant's batches run its refinement graph; every other variant's, model.onnx.
+        runner = test_time.runner if test_time is not None and test_time.runner is not None else scorer
         try:
             scorer.warmup(pkg.spec.num_fields, self.cfg.scorer.warmup_runs)
+            if runner is not scorer:
+                runner.warmup(pkg.spec.num_fields, self.cfg.scorer.warmup_runs)
         except Exception as exc:
             raise PackageRefused(f"{vc.model}/{version}: {exc}") from exc
         b = self.cfg.batcher
         m = self.metrics
         name = vc.name
         batcher = Batcher(
-            scorer.score,
+            runner.score,
             self.executor,
             max_batch_rows=b.max_batch_rows,
             max_queue_delay_ms=b.max_queue_delay_ms,

@@ -150,11 +150,12 @@ class SgctrScorer:
         return probs
 
 
-def load_sgctr(package_dir: str | Path, config: SgctrConfig, *, threads: int | None = None,
-               providers: list[str] | None = None) -> SgctrScorer:
-    """The scorer of a package's refinement graph for `config` (checked against its sha256)."""
-    import onnxruntime as ort
+def graph_path(package_dir: str | Path, config: SgctrConfig) -> tuple[Path, dict[str, Any]]:
+    """The checked file of the graph exported for `config` and its manifest entry.
 
+    For callers that open the session with their own onnxruntime settings (the service opens
+    it as it opens model.onnx); raises as `find_graph` does, or ValueError on a sha256 mismatch.
+    """
     from export.package import file_sha256
 
     p = Path(package_dir)
@@ -162,6 +163,15 @@ def load_sgctr(package_dir: str | Path, config: SgctrConfig, *, threads: int | N
     path = p / entry["file"]
     if file_sha256(path) != entry.get("sha256"):
         raise ValueError(f"{path} does not match the sha256 in {SGCTR_MANIFEST}: damaged or replaced")
+    return path, entry
+
+
+def load_sgctr(package_dir: str | Path, config: SgctrConfig, *, threads: int | None = None,
+               providers: list[str] | None = None) -> SgctrScorer:
+    """The scorer of a package's refinement graph for `config` (checked against its sha256)."""
+    import onnxruntime as ort
+
+    path, entry = graph_path(package_dir, config)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = int(threads or 1)
     opts.inter_op_num_threads = 1
