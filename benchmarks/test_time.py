@@ -8,7 +8,7 @@ service would serve:
 
 - valid split, the ablation grid, every other setting at TestTimeConfig's defaults: plain;
   M in {1, 2, 4, 8, 16} (trigger all); orders [1] / [1, 2] / [1, 2, 3] (M=8); heavy-hitter
-  summary on / off (M=8); uniform paths against confidence-guided paths at M=4 and M=8;
+  summary on / off (M=8, upper and lower frequency bounds); uniform paths against confidence-guided paths at M=4 and M=8;
   trigger all against uncertain (the default logit band) at M=4 and M=8.
 - test split, each configuration once: plain, the shipped defaults (M=8, trigger all) and the
   selective trigger (uncertain, band 3.0) at M=8 and M=4. These were fixed before any test
@@ -60,8 +60,12 @@ VALID_GRID: list[Setting] = [
     *[Setting("paths (trigger all)", f"M={m}", {"paths": m, "trigger": "all"}) for m in (1, 2, 4, 8, 16)],
     *[Setting("orders (M=8, all)", f"orders {o}", {"paths": 8, "trigger": "all", "orders": o})
       for o in ([1], [1, 2], [1, 2, 3])],
-    *[Setting("heavy hitters (M=8, all)", f"heap {'on' if h else 'off'}", {"paths": 8, "trigger": "all", "heavy_hitters": h})
-      for h in (True, False)],
+    # With the default upper-bound frequencies and a summary that lost keys, the heap cannot
+    # change anything (a tracked key's upper bound is the sketch's estimate), so the heap is
+    # also ablated on the lower bounds, where it gives exact counts to the frequent keys.
+    *[Setting("heavy hitters (M=8, all)", f"heap {'on' if h else 'off'}{', lower bounds' if f == 'lower' else ''}",
+              {"paths": 8, "trigger": "all", "heavy_hitters": h, **({"frequency": f} if f == "lower" else {})})
+      for f in ("upper", "lower") for h in (True, False)],
     *[Setting("sampling (all)", f"{s} M={m}", {"paths": m, "trigger": "all", "sampling": s})
       for m in (4, 8) for s in ("confidence", "uniform")],
     *[Setting("trigger", f"{t} M={m}", {"paths": m, "trigger": t}) for m in (4, 8) for t in ("all", "uncertain")],

@@ -57,7 +57,7 @@ def test_the_grid_runs_end_to_end_paired_by_seed_and_resumes(quality_out: Path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     distinct = {TT.config_id(s) for s in TT.VALID_GRID}, {TT.config_id(s) for s in TT.TEST_CONFIGS}
     per_run = len(distinct[0]) + len(distinct[1])
-    assert per_run == 16  # M=8 "all" is in four groups, M=1 is plain: scored once each
+    assert per_run == 18  # M=8 "all" is in four groups, M=1 is plain: scored once each
     assert f"[{2 * per_run}/{2 * per_run}] synth dnn seed=2 test" in proc.stderr  # progress on stderr
     out = quality_out / "test_time"
     result = json.loads((out / "test_time.json").read_text())
@@ -93,6 +93,7 @@ def test_the_grid_runs_end_to_end_paired_by_seed_and_resumes(quality_out: Path):
         assert valid[("paths (trigger all)", f"M={m}")]["model_rows_per_row"] == m
     assert valid[("paths (trigger all)", "M=1")]["delta_auc"]["mean"] == 0
     assert valid[("heavy hitters (M=8, all)", "heap off")]["config"]["heavy_hitters"] is False
+    assert valid[("heavy hitters (M=8, all)", "heap off, lower bounds")]["config"]["frequency"] == "lower"
     on, off = (valid[("heavy hitters (M=8, all)", f"heap {x}")] for x in ("on", "off"))
     assert on["auc"] == valid[("paths (trigger all)", "M=8")]["auc"]  # the same configuration, scored once
     uniform, guided = (valid[("sampling (all)", f"{x} M=4")] for x in ("uniform", "confidence"))
@@ -123,6 +124,6 @@ def test_quality_benchmark_runs_it_after_training(tmp_path: Path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "test_time" / "test_time.json").read_text())
     assert [(r["dataset"], r["model"], r["seed"]) for r in result["runs"]] == [("synthetic-mixed-300k", "dnn", 1)]
-    assert result["quick"] and len(result["evaluations"]) == 16
+    assert result["quick"] and len(result["evaluations"]) == 18
     assert result["runs"][0]["package"].startswith(str(out / "test_time" / "models"))
     assert "#### synthetic-mixed-300k · dnn (seeds 1)" in (out / "test_time" / "test_time.md").read_text()
