@@ -68,6 +68,8 @@ class Admission:
     _area: float = field(default=0.0, repr=False)  # integral of requests in flight over busy time
     _last: float = field(default=0.0, repr=False)
     row_limit: float = field(default=0.0)  # adaptive, at most max_inflight_rows
+    # Called with (row_limit, rate) whenever either moves: the service exports both as gauges.
+    on_change: Callable[[float, float | None], None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.row_limit = float(self.max_inflight_rows)
@@ -116,6 +118,7 @@ class Admission:
         self._tick(now)
         self.inflight_requests -= 1
         self.inflight_rows -= rows
+        limit, rate = self.row_limit, self.rate
         if done:
             self._done_rows += rows
             self.row_limit = min(float(self.max_inflight_rows), self.row_limit + _INCREASE * rows)
@@ -128,6 +131,8 @@ class Admission:
                 sample = self._done_rows / self._busy_s
                 self.rate = sample if self.rate is None else self.rate + _RATE_ALPHA * (sample - self.rate)
             self._done_rows, self._busy_s, self._area = 0, 0.0, 0.0
+        if self.on_change is not None and (self.row_limit != limit or self.rate != rate):
+            self.on_change(self.row_limit, self.rate)
 
 
 class Ticket:

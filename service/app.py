@@ -80,6 +80,9 @@ def build_service(cfg: ServiceConfig, store: FeatureStore | None = None) -> Serv
         ),
         executor=executor,
     )
+    adm_limit, adm_rate = metrics.admission_row_limit, metrics.admission_rate
+    adm_limit.set(svc.admission.row_limit)
+    svc.admission.on_change = lambda limit, rate: (adm_limit.set(limit), adm_rate.set(rate or 0.0))
     svc.checks["store"] = store.ping
     svc.checks["features"] = feature_data_check(store, metrics)  # the data `ctr features load` wrote is all there
     svc.registry.on_build = lambda model: store.use_fields(model.encoder.plan)  # Redis reads only served fields

@@ -106,6 +106,16 @@ class Metrics:
             "ctr_test_time_model_passes_total", "model (denoiser) passes run for rows of a variant with test-time paths",
             ["variant", "method"], registry=r
         )
+        # Admission control's adaptive state (service/admission.py), summed over workers: the row
+        # limit shrinks each time an admitted request still times out in the queue, so a limit far
+        # below max_inflight_rows while 503s rise says admission, not the queue bound, is shedding.
+        self.admission_row_limit = Gauge(
+            "ctr_admission_row_limit", "rows admission control lets in flight (adaptive)", registry=r, multiprocess_mode="livesum"
+        )
+        self.admission_rate = Gauge(
+            "ctr_admission_completion_rate_rows", "rows per second completed while at capacity, as admission measures it",
+            registry=r, multiprocess_mode="livesum",
+        )
         self.model_info = _InfoGauge(
             "ctr_model_info", "the model version serving each variant", ["name", "version", "variant", "provider"], registry=r,
             multiprocess_mode="livemax",

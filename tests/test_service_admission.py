@@ -127,6 +127,29 @@ def test_a_request_timing_out_in_the_queue_halves_the_row_limit():
     assert adm.row_limit == 1000  # grown back, never past max_inflight_rows
 
 
+def test_the_adaptive_limit_and_rate_are_reported_when_they_move():
+    """The service exports these as gauges: a shrunken row limit explains a wave of 503s."""
+    now = [0.0]
+    adm = admission(max_inflight_rows=1000)
+    adm.clock = lambda: now[0]
+    adm.bytes_per_item = 10.0
+    seen: list[tuple[float, float | None]] = []
+    adm.on_change = lambda limit, rate: seen.append((limit, rate))
+    t = adm.admit(1000)
+    t.expired = True
+    t.close()
+    assert seen == [(500.0, None)]
+    held = [adm.admit(1000) for _ in range(3)]
+    now[0] = 0.5  # three requests in flight for half a second: a capacity window
+    held[0].done = True
+    held[0].close()
+    assert seen[-1] == (510.0, pytest.approx(100 / 0.5))
+    n = len(seen)
+    held[1].close()  # neither done nor expired: nothing moved, nothing reported
+    assert len(seen) == n
+    held[2].close()
+
+
 def test_bytes_per_item_follows_the_parsed_bodies():
     adm = admission()
     for _ in range(200):
@@ -183,6 +206,8 @@ def test_overload_is_shed_before_parsing_and_admitted_requests_succeed(synth_spe
         good = next(i for s, _, i in results if s == 200)
         r = httpx.post(url + "/score", content=bodies[good], headers={"content-type": "application/json"}, timeout=30)
         np.testing.assert_allclose(r.json()["scores"], offline_scores(synth_spec, weights, synth_dir, dicts[good]), atol=1e-6)
+        # The adaptive limit is visible: shedding moved it off the configured bound, never above it.
+        assert 0 < metric_value(metrics, "ctr_admission_row_limit") <= 4000
         fast = metric_value(metrics, "ctr_request_seconds_bucket", status="503", le="0.05")
         total = metric_value(metrics, "ctr_request_seconds_count", status="503")
         print(f"\n200: {codes.count(200)}  503: {codes.count(503)} {shed}  503s within 50 ms: {fast / total:.1%}")
