@@ -246,3 +246,29 @@ def test_learned_field_weights_train_in_stage_one_and_are_logged(tmp_path, synth
     assert weights and all(w > 0 for w in weights) and any(abs(w - 1) > 1e-4 for w in weights)
     assert sum("stage1_field_weight" in r.getMessage() for r in caplog.records) == len(load_file(out / "pretrained.safetensors")[LOG_VARIANCE])
     assert LOG_VARIANCE not in load_file(out / "model.safetensors")
+
+
+def test_learned_init_starts_each_log_variance_at_its_first_batch_loss():
+    """Why: with `learned_init` every s_k must start at log of its kind's mean masked loss on the
+    first batch (each weighted term then starts at 1), and only once."""
+    from model.diffusion import learned_log_variance
+
+    tokens = torch.randint(3, 12, (256, 3))
+    labels = (torch.rand(256) < 0.3).float()
+    model = _tiny(0)
+    obj = PretrainObjective(model, PretrainConfig(num_negatives=8, field_weighting="learned_init"), seed=4)
+    s = learned_log_variance(model)
+    loss, _ = obj(tokens, labels)
+    mask = sample_mask(256, 3, "linear", True, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        h = model.hidden(tokens, labels, mask)
+        feat, _, masked = sampled_softmax_loss(model.generate(h), model.embedding(tokens), tokens, mask[:, :3], 0.1, 8, per_field=True)
+        ce = F.binary_cross_entropy_with_logits(model.label_logit(h), labels, reduction="none")[mask[:, 3]].mean()
+    want = torch.log(torch.cat([feat / masked, ce.view(1)]))
+    assert torch.allclose(s.detach(), want, atol=1e-5) and not torch.allclose(s.detach(), torch.zeros(4))
+    # Every term exp(-s_k) L_k sums to one per masked element: the loss is 1 + mean s over masked elements.
+    counts = torch.cat([masked, mask[:, 3].sum().view(1).float()])
+    assert torch.isclose(loss, 1 + (want * counts).sum() / counts.sum(), atol=1e-4)
+    before = s.detach().clone()
+    obj(tokens, labels)
+    assert torch.equal(s.detach(), before)  # no second initialisation
