@@ -63,8 +63,24 @@ PANELS: list[tuple[str, str, str, list[dict]]] = [
             "{{variant}}", "A",
         ),
     ]),
-    ("503 rejections by variant and reason", "reqps", "Queue full or deadline passed in the batcher.", [
+    ("503 rejections by variant and reason", "reqps",
+     "Shed by admission control before any work (inflight_requests, inflight_rows, queue_wait), "
+     "or by the batcher (queue_full, deadline), or while draining.", [
         q(f"sum by (variant, reason) (rate(ctr_rejected_total{{{V}}}[{R}])) or {zero_for('variant')}", "{{variant}} {{reason}}", "A"),
+    ]),
+    ("Admission row limit and completion rate", "short",
+     "The adaptive row limit (halved when an admitted request times out in the queue) and the rows/s completed "
+     "at capacity, summed over pods. A limit far below its bound while 503s rise: admission is backing off.", [
+        q("sum(ctr_admission_row_limit)", "row limit", "A"),
+        q("sum(ctr_admission_completion_rate_rows)", "completion rate (rows/s)", "B"),
+    ]),
+    ("Test-time model work per row", "short",
+     "Model passes per scored row for variants with test-time paths (MATT: the row plus its paths; "
+     "SGCTR: the denoiser runs of its refinement). 1 is plain scoring.", [
+        # Variants that score plain have no test-time series: they show as 1.
+        q(f"(sum by (variant, method) (rate(ctr_test_time_model_passes_total{{{V}}}[{R}]))"
+          f" / sum by (variant, method) (rate(ctr_test_time_rows_total{{{V}}}[{R}])))"
+          f" or ({zero_for('variant')} + 1)", "{{variant}} {{method}}", "A"),
     ]),
     ("Batch rows by variant", "short", "Rows per onnxruntime call (before padding); mean and percentiles.", [
         q(f"sum by (variant) (rate(ctr_batch_rows_sum{{{V}}}[{R}])) / sum by (variant) (rate(ctr_batch_rows_count{{{V}}}[{R}]))", "mean {{variant}}", "A"),
