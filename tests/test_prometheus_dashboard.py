@@ -29,6 +29,7 @@ from loadtests.local import (
     running_service,
 )
 from loadtests.traffic import TrafficConfig, TrafficGenerator
+from tests.testing import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 GRAFANA = REPO / "deploy" / "grafana"
@@ -37,11 +38,7 @@ RATE_WINDOW = "30s"
 
 
 def test_dashboard_json_is_generated_from_dashboard_py():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("ctr_dashboard", GRAFANA / "dashboard.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script(GRAFANA / "dashboard.py", "ctr_dashboard")
     assert DASHBOARD.read_text() == mod.render(), "run `python deploy/grafana/dashboard.py` and commit the JSON"
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import subprocess
 import sys
@@ -16,18 +15,12 @@ from ctr.cli import build_parser
 from model import run_config as recipes
 from model.networks import model_config
 from model.train_cli import build_run_config
+from tests.testing import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _quality_module():
-    spec = importlib.util.spec_from_file_location("quality_benchmark", REPO / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-QUALITY = _quality_module()
+QUALITY = load_script(REPO / "benchmarks" / "quality.py", "quality_benchmark")
 # The command-line spelling of each ablation's change to its recipe.
 ABLATION_FLAGS = {"dgenctr-scratch": ["--pretrain-mode", "none"], "dgenctr-emb-only": ["--pretrain-mode", "embedding"],
                   "dgenctr-no-label": ["--no-label-mask"]}

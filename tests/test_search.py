@@ -7,7 +7,6 @@ search itself that opened it would fail. The CPU accounting is checked on real c
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import threading
@@ -16,11 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.testing import load_script
+
 REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("search_benchmark", REPO / "benchmarks" / "search.py")
-search = importlib.util.module_from_spec(spec)
-sys.modules["search_benchmark"] = search
-spec.loader.exec_module(search)
+search = load_script(REPO / "benchmarks" / "search.py", "search_benchmark")
 
 from model import run_config as recipes  # noqa: E402
 

@@ -7,7 +7,6 @@ builds their statistics and scores the whole grid through onnxruntime, with spli
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -16,18 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.testing import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("test_time_benchmark", REPO / "benchmarks" / "test_time.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TT = _module()
+TT = load_script(REPO / "benchmarks" / "test_time.py", "test_time_benchmark")
 
 
 @pytest.fixture(scope="module")

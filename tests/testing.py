@@ -8,8 +8,10 @@ run. `ServerThread` runs the real app under real uvicorn on a loopback port.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +20,17 @@ from typing import Any
 import numpy as np
 
 from model.spec import FeatureSpec
+
+
+def load_script(path: str | Path, name: str) -> Any:
+    """A script that is not a package module (benchmarks/*.py, deploy/grafana/dashboard.py),
+    imported by path. It is registered in sys.modules first, as an import would be, so that
+    dataclasses and typing in it can resolve their own module."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_onnx(spec: FeatureSpec, path: str | Path, seed: int = 0, scale: float = 0.5) -> dict[str, np.ndarray]:
